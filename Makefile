@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# The install is keyed on constraints.txt + pyproject.toml: re-running a target on an installed tree
+# does not touch pip (the stamp file names the hash of both).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+KEY := $(shell cat constraints.txt pyproject.toml | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(KEY)
+export PATH := $(abspath $(BIN)):$(PATH)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint format browser clean-demo bench
+
+install: $(STAMP)
+
+$(STAMP):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+	@echo "installed into $(VENV) (stamp $(notdir $@))"
+
+# Debian's Chromium + ChromeDriver for the reader-study browser test (no browser download at run time).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { echo "installing chromium + chromium-driver (Debian packages)"; \
+	    $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+	    $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+demo: $(STAMP)
+	$(BIN)/snakemake --cores all
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: $(STAMP) browser lint
+	$(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_scan.py
+	$(BIN)/python benchmarks/bench_scaling.py

@@ -1,0 +1,3 @@
+from vmddpm.cli import main
+
+raise SystemExit(main())
