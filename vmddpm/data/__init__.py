@@ -1,0 +1,1 @@
+"""Datasets: official sources, verified downloads, raw layout -> slices, demo phantoms."""

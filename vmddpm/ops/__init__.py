@@ -1,0 +1,1 @@
+"""Layer 1: numerical kernels (the S6 selective scan and its backends)."""
