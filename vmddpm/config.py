@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -375,13 +376,33 @@ def load_config(
     )
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`; YAML 1.2 and users don't)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+        r"|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(
             f"{path}: no such file; run from the repository root or pass --params PATH to a params.yaml"
         )
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = _yaml(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -408,7 +429,7 @@ def parse_override(item: str, path: Path) -> tuple[str, Any]:
         raise ConfigError(f"{path}: override {item!r} is not KEY=VALUE; write e.g. --set train.steps=20")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = _yaml(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
