@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model(p)
     p.add_argument("--samples", type=Path, help="folder of generated PNGs (default: the sample stage's)")
     p.add_argument("--out", type=Path, help="metrics file (default: runs/<dataset>/<model>/metrics.json)")
+    p.add_argument(
+        "--ddim-sweep",
+        action="store_true",
+        help="also sample and evaluate each eval.ddim_steps_sweep entry -> runs/<ds>/<model>/ddim_sweep.json",
+    )
 
     add("report", "paper-vs-ours tables and figures from every metrics.json")
 
@@ -187,6 +192,7 @@ def _dispatch(args: argparse.Namespace) -> Callable[[Config], Any]:
             model=args.model,
             samples=args.samples,
             out=args.out,
+            ddim_sweep=args.ddim_sweep,
         )
     if c == "report":
         return _call("vmddpm.report:report")

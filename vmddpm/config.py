@@ -61,6 +61,7 @@ class ChestXRayConfig:
     source: Literal["official", "phantom"]
     archive: str | None
     raw_dir: str | None
+    url: str | None
     max_subjects: int = _f(min=0)
 
 
@@ -69,6 +70,7 @@ class BratsConfig:
     source: Literal["official", "phantom"]
     archive: str | None
     raw_dir: str | None
+    url: str | None
     max_subjects: int = _f(min=0)
     modality: Literal["t1", "t1ce", "t2", "flair"] = _f()
     min_brain_fraction: float = _f(min=0.0, max=1.0)
@@ -80,6 +82,7 @@ class AcdcConfig:
     source: Literal["official", "phantom"]
     archive: str | None
     raw_dir: str | None
+    url: str | None
     max_subjects: int = _f(min=0)
     percentiles: list[float] = _f(nonempty=True)
 
@@ -91,6 +94,8 @@ class PhantomConfig:
     acdc_subjects: int = _f(min=3)
     size: int = _f(min=16)
     depth: int = _f(min=4)
+    acdc_slices: int = _f(min=1)
+    acdc_frames: int = _f(min=2)
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class DataConfig:
     max_unpacked_bytes: int = _f(min=1)
     download_timeout_s: float = _f(min=0.1)
     download_retries: int = _f(min=0)
+    download_backoff_s: float = _f(min=0.0)
     chestxray: ChestXRayConfig = _f()
     brats2018: BratsConfig = _f()
     acdc: AcdcConfig = _f()
@@ -230,6 +236,7 @@ class EvalConfig:
     batch_size: int = _f(min=1)
     memorisation_threshold: float = _f(min=0.0, max=1.0)
     ddim_steps_sweep: list[int] = _f()
+    device: Literal["auto", "cpu", "cuda"] = _f()
 
 
 @dataclass(frozen=True)

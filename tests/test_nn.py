@@ -1,0 +1,216 @@
+"""The VM-DDPM network: cross-scan / Sequence Regeneration permutations, SS2D, SSLayer/MSSBlock, VMUNet."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.conftest import TINY
+from vmddpm.errors import UserError
+from vmddpm.nn.registry import build_model, count_parameters
+from vmddpm.nn.scan2d import SR_MODES, SS2D, cross_merge, cross_scan, scan_indices, sr_permutation
+from vmddpm.nn.vmunet import VMUNet
+
+VMUNET_PRESETS = (
+    "vmddpm",
+    "vmddpm_csm",
+    "vmddpm_single_level",
+    "vmddpm_cnn_only",
+    "vmddpm_ssm_only",
+    "vmddpm_sr_zigzag",
+    "vmddpm_sr_random",
+    "vmddpm_attention",
+)
+SHAPES = ((1, 1, 4), (4, 4, 4), (6, 8, 4), (5, 7, 3), (8, 8, 2), (16, 16, 4), (7, 3, 2), (32, 32, 8))
+
+
+# ----------------------------------------------------------------------------- Sequence Regeneration
+@pytest.mark.parametrize("mode", SR_MODES)
+@pytest.mark.parametrize(("h", "w", "window"), SHAPES)
+def test_sr_is_an_exact_invertible_permutation(mode: str, h: int, w: int, window: int) -> None:
+    perm, inv = sr_permutation(h, w, mode, window, seed=3)
+    assert sorted(perm.tolist()) == list(range(h * w))
+    tokens = torch.randn(2, 5, h * w)
+    regenerated = tokens[..., perm]
+    assert torch.equal(regenerated[..., inv], tokens)
+    assert torch.equal(perm[inv], torch.arange(h * w))
+
+
+def test_sr_window_visits_each_window_contiguously() -> None:
+    h, w, win = 8, 12, 4
+    perm, _ = sr_permutation(h, w, "window", win)
+    rows, cols = perm // w, perm % w
+    for start in range(0, h * w, win * win):
+        chunk_r, chunk_c = rows[start : start + win * win], cols[start : start + win * win]
+        # one window: all tokens share the window's row and column block
+        assert len(set((chunk_r // win).tolist())) == 1 and len(set((chunk_c // win).tolist())) == 1
+        assert (chunk_r.max() - chunk_r.min()).item() == win - 1
+
+
+def test_sr_zigzag_steps_between_spatial_neighbours() -> None:
+    h, w = 7, 9
+    perm, _ = sr_permutation(h, w, "zigzag")
+    r, c = perm // w, perm % w
+    steps = (r[1:] - r[:-1]).abs() + (c[1:] - c[:-1]).abs()
+    assert torch.all(steps == 1)
+
+
+def test_sr_random_is_fixed_by_its_seed() -> None:
+    a, _ = sr_permutation(8, 8, "random", seed=1)
+    b, _ = sr_permutation(8, 8, "random", seed=1)
+    c, _ = sr_permutation(8, 8, "random", seed=2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, torch.arange(64))
+
+
+def test_sr_unknown_mode_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"none \| window"):
+        sr_permutation(4, 4, "spiral")
+
+
+# -------------------------------------------------------------------------------------- cross-scan
+def test_cross_scan_without_sr_is_vmamba_four_directions() -> None:
+    x = torch.randn(2, 3, 5, 7)
+    rows, cols = x.flatten(2), x.transpose(2, 3).flatten(2)
+    expected = torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+    assert torch.equal(cross_scan(x), expected)
+
+
+@pytest.mark.parametrize("mode", SR_MODES)
+@pytest.mark.parametrize(("h", "w", "window"), SHAPES)
+def test_cross_merge_of_identity_sequences_is_four_times_the_input(
+    mode: str, h: int, w: int, window: int
+) -> None:
+    x = torch.randn(2, 3, h, w)
+    seqs = cross_scan(x, mode, window, 5)
+    assert seqs.shape == (2, 4, 3, h * w)
+    assert torch.equal(cross_merge(seqs, h, w, mode, window, 5), 4 * x)
+
+
+@pytest.mark.parametrize("mode", SR_MODES)
+def test_scan_directions_are_sr_order_of_map_and_transpose(mode: str) -> None:
+    h, w, win = 6, 4, 2
+    idx, inv = scan_indices(h, w, mode, win, 0)
+    perm, _ = sr_permutation(h, w, mode, win, 0)
+    assert torch.equal(idx[0], perm)
+    assert torch.equal(idx[2], perm.flip(0))
+    assert torch.equal(idx[3], idx[1].flip(0))
+    for k in range(4):
+        assert torch.equal(idx[k][inv[k]], torch.arange(h * w))
+
+
+# ------------------------------------------------------------------------------------------- SS2D
+def _ss2d(sr: str) -> SS2D:
+    return SS2D(
+        8, d_state=4, expand=2, d_conv=3, dt_rank="auto", sr=sr, sr_window=2, sr_seed=0, scan_backend="auto"
+    )
+
+
+def test_ss2d_shape_gradients_and_zero_parameter_sr() -> None:
+    counts = {mode: count_parameters(_ss2d(mode)) for mode in SR_MODES}
+    assert len(set(counts.values())) == 1, counts
+    torch.manual_seed(0)
+    block = _ss2d("window")
+    x = torch.randn(2, 8, 6, 4, requires_grad=True)
+    y = block(x)
+    assert y.shape == x.shape
+    y.square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for name in ("A_logs", "Ds", "dt_projs_bias", "x_proj_weight", "dt_projs_weight"):
+        grad = getattr(block, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert block.resolved_backend  # the backend that actually ran is recorded
+
+
+def test_sr_changes_the_output_but_not_the_weights() -> None:
+    torch.manual_seed(0)
+    a = _ss2d("none")
+    b = _ss2d("window")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 8, 4, 4)
+    assert not torch.allclose(a(x), b(x))
+
+
+# ------------------------------------------------------------------------------------------ VMUNet
+@pytest.fixture
+def tiny_cfg(make_cfg):
+    return make_cfg(*TINY)
+
+
+def test_sr_adds_zero_parameters_to_the_network(tiny_cfg) -> None:
+    counts = {
+        sr: count_parameters(VMUNet(**{**dataclasses.asdict(tiny_cfg.model_config("vmddpm")), "sr": sr}))
+        for sr in SR_MODES
+    }
+    assert len(set(counts.values())) == 1, counts
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [
+        # attention over 128*128 tokens is the quadratic case C5 is about: ~40 s on 2 loaded cores
+        pytest.param(n, s, marks=pytest.mark.slow) if (n, s) == ("vmddpm_attention", 128) else (n, s)
+        for n in VMUNET_PRESETS
+        for s in (32, 64, 128)
+    ],
+)
+def test_every_preset_runs_forward_and_backward(tiny_cfg, name: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg, name)
+    assert isinstance(model, VMUNet)
+    # the output conv starts at zero (eps = 0, no gradient upstream of it): give it weights so the
+    # backward pass reaches every parameter
+    torch.nn.init.normal_(model.out[-1].weight, std=0.1)
+    batch = 2 if size < 128 else 1
+    x = torch.randn(batch, 1, size, size)
+    t = torch.randint(0, 1000, (batch,))
+    eps = model(x, t)
+    assert eps.shape == x.shape
+    assert torch.isfinite(eps).all()
+    torch.nn.functional.mse_loss(eps, torch.randn_like(x)).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+    mixers = [m for m in model.modules() if isinstance(m, SS2D)]
+    assert all(m.A_logs.grad.abs().sum() > 0 for m in mixers)
+
+
+def test_rectangular_input_and_scalar_timestep(tiny_cfg) -> None:
+    model = build_model(tiny_cfg, "vmddpm")
+    x = torch.randn(2, 1, 16, 24)
+    assert model(x, torch.tensor(7)).shape == x.shape
+
+
+def test_ablations_differ_where_they_should(tiny_cfg) -> None:
+    counts = {n: count_parameters(build_model(tiny_cfg, n)) for n in VMUNET_PRESETS}
+    assert (
+        counts["vmddpm"] == counts["vmddpm_csm"] == counts["vmddpm_sr_zigzag"] == counts["vmddpm_sr_random"]
+    )
+    assert counts["vmddpm_single_level"] < counts["vmddpm"]
+    assert counts["vmddpm_cnn_only"] < counts["vmddpm"]
+    assert counts["vmddpm_ssm_only"] < counts["vmddpm"]
+    assert build_model(tiny_cfg, "vmddpm_cnn_only").resolved_scan_backend() == "none"
+    assert build_model(tiny_cfg, "vmddpm_attention").resolved_scan_backend() == "none"
+    assert build_model(tiny_cfg, "vmddpm").resolved_scan_backend() not in ("none", "auto")
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 16), (2, 3, 16, 16), (1, 1, 1, 16, 16)])
+def test_wrong_rank_or_channels_names_the_expected_shape(tiny_cfg, shape) -> None:
+    model = build_model(tiny_cfg, "vmddpm")
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        model(torch.randn(*shape), torch.zeros(shape[0], dtype=torch.long))
+
+
+def test_non_divisible_size_names_the_divisibility(make_cfg) -> None:
+    cfg = make_cfg(*TINY, "model.channel_mult=[1, 2, 2]")
+    model = build_model(cfg, "vmddpm")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(torch.randn(1, 1, 18, 16), torch.zeros(1, dtype=torch.long))
+
+
+def test_both_paths_off_is_a_user_error(make_cfg) -> None:
+    cfg = make_cfg(*TINY, "model.cnn_path=false", "model.ssm_path=false")
+    with pytest.raises(UserError, match=r"presets\.vmddpm.*switch at least one on"):
+        build_model(cfg, "vmddpm")

@@ -1,0 +1,332 @@
+"""vmddpm.train and vmddpm.checkpoint: loss falls, kill-and-resume is bit-identical, DDP ranks agree,
+bad inputs give one-line errors, a failed write never destroys the last good checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import TINY
+from vmddpm.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from vmddpm.errors import UserError
+from vmddpm.train import EpochSampler, state_hash, train
+
+DATASET, MODEL = "acdc", "vmddpm"
+# one CPU thread: fast on a shared machine, and the same float reduction order in every process
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def write_prepared(folder: Path, n: int = 12, size: int = 16, n_test: int = 3) -> Path:
+    """A prepared dataset in the data stage's format: PNG slices + manifest.csv (file, subject, split,
+    source, slice). Images are bright discs on a dark background at seeded random places."""
+    (folder / "slices").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    rows = []
+    for i in range(n):
+        cx, cy = rng.uniform(size * 0.25, size * 0.75, 2)
+        r = rng.uniform(size * 0.15, size * 0.3)
+        img = np.where((xx - cx) ** 2 + (yy - cy) ** 2 < r * r, 220, 30).astype(np.uint8)
+        name = f"slices/s{i // 3:03d}_{i % 3:03d}.png"
+        Image.fromarray(img, mode="L").save(folder / name)
+        split = "test" if i >= n - n_test else "train"
+        rows.append(
+            {"file": name, "subject": f"s{i // 3:03d}", "split": split, "source": "phantom", "slice": i % 3}
+        )
+    with (folder / "manifest.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["file", "subject", "split", "source", "slice"])
+        w.writeheader()
+        w.writerows(rows)
+    return folder
+
+
+def tiny_cfg(make_cfg, *extra: str):
+    cfg = make_cfg(*TINY, *extra)
+    if not (cfg.prepared_dir(DATASET) / "manifest.csv").exists():
+        write_prepared(cfg.prepared_dir(DATASET), size=cfg.data.image_size)
+    return cfg
+
+
+def cli_args(*extra: str) -> list[str]:
+    out = ["train", "--dataset", DATASET, "--model", MODEL]
+    for item in (*TINY, *extra):
+        out += ["--set", item]
+    return out
+
+
+def weights_hash(path: Path) -> tuple[str, str]:
+    state = torch.load(path, weights_only=True)
+    return state_hash(state["model"]), state_hash(state["ema"])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(False)
+
+
+# ------------------------------------------------------------------------------------- acceptance
+@pytest.mark.slow
+def test_loss_falls_over_200_steps(make_cfg) -> None:
+    cfg = tiny_cfg(
+        make_cfg, "train.steps=200", "train.log_every=1", "train.lr=0.001", "train.checkpoint_every=1000"
+    )
+    out = train(cfg, DATASET, MODEL)
+    with (out / "history.csv").open() as fh:
+        loss = [float(r["loss"]) for r in csv.DictReader(fh)]
+    assert len(loss) == 200
+    first, last = np.mean(loss[:20]), np.mean(loss[-20:])
+    assert last < 0.7 * first, (first, last)
+    state = load_checkpoint(out / "model.pt")
+    assert state["step"] == 200 and state["signature"]["family"] == "vmunet"
+
+
+def test_finished_run_is_a_noop_and_extends(make_cfg) -> None:
+    cfg = tiny_cfg(make_cfg, "train.steps=4", "train.checkpoint_every=2")
+    out = train(cfg, DATASET, MODEL)
+    stamp = (out / "model.pt").stat().st_mtime_ns, (out / "last.pt").stat().st_mtime_ns
+    train(cfg, DATASET, MODEL)
+    assert ((out / "model.pt").stat().st_mtime_ns, (out / "last.pt").stat().st_mtime_ns) == stamp
+    cfg6 = make_cfg(*TINY, "train.steps=6", "train.checkpoint_every=2")
+    train(cfg6, DATASET, MODEL)  # more steps asked: resumes from step 4
+    assert load_checkpoint(out / "model.pt")["step"] == 6
+    full = load_checkpoint(out / "last.pt")
+    for key in (
+        "model",
+        "ema",
+        "optimizer",
+        "scaler",
+        "lr_scheduler",
+        "step",
+        "rng",
+        "noise_rng",
+        "sampler",
+        "config",
+        "signature",
+        "version",
+        "scan_backend",
+    ):
+        assert key in full
+    assert full["config"]["train"]["steps"] == 6 and full["sampler"]["world"] == 1
+
+
+def test_sigkill_and_resume_is_bit_identical(tmp_path: Path, cli) -> None:
+    steps = ("train.steps=20", "train.checkpoint_every=4", "train.deterministic=true", "train.log_every=4")
+    roots = {}
+    for name in ("straight", "killed"):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+        write_prepared(root / "data" / "prepared" / DATASET)
+        roots[name] = root
+    cli(*cli_args(*steps), cwd=roots["straight"], env=ENV)
+
+    train_dir = roots["killed"] / "runs" / DATASET / MODEL / "train"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmddpm", *cli_args(*steps)],
+        cwd=roots["killed"],
+        env={**os.environ, **ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (train_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (train_dir / "model.pt").exists()
+    killed_at = load_checkpoint(train_dir / "last.pt")["step"]
+    assert 0 < killed_at < 20
+    cli(*cli_args(*steps), cwd=roots["killed"], env=ENV)
+
+    straight = roots["straight"] / "runs" / DATASET / MODEL / "train"
+    assert weights_hash(train_dir / "model.pt") == weights_hash(straight / "model.pt")
+    a, b = load_checkpoint(train_dir / "last.pt"), load_checkpoint(straight / "last.pt")
+    assert a["history"] == [] or [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+    assert state_hash({str(k): v for k, v in enumerate(_flat(a["optimizer"]))}) == state_hash(
+        {str(k): v for k, v in enumerate(_flat(b["optimizer"]))}
+    )
+
+
+def _flat(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in _flat(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _flat(v)]
+    return [torch.tensor(float(obj))] if isinstance(obj, (int, float)) else []
+
+
+def test_torchrun_two_ranks_hold_identical_weights(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+    write_prepared(tmp_path / "data" / "prepared" / DATASET)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vmddpm",
+        *cli_args("train.steps=20", "train.checkpoint_every=10", "train.log_every=5"),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(tmp_path / "runs" / DATASET / MODEL / "train" / "model.pt", weights_only=True)
+    assert state["step"] == 20
+    hashes = state["rank_hashes"]  # every rank's own weight hash, gathered at the end
+    assert len(hashes) == 2 and hashes[0] == hashes[1] == state_hash(state["model"])
+    last = torch.load(tmp_path / "runs" / DATASET / MODEL / "train" / "last.pt", weights_only=True)
+    assert last["sampler"]["world"] == 2 and len(last["noise_rng"]) == 2
+    assert not torch.equal(last["noise_rng"][0], last["noise_rng"][1])  # per-rank noise streams
+
+
+# ------------------------------------------------------------------------------------- bad inputs
+def test_empty_dataset_dir_is_a_user_error(make_cfg, cli, tmp_path: Path) -> None:
+    cfg = make_cfg(*TINY)
+    cfg.prepared_dir(DATASET).mkdir(parents=True)
+    with pytest.raises(UserError, match=r"prepared.*vmddpm prepare"):
+        train(cfg, DATASET, MODEL)
+    proc = cli(*cli_args(), cwd=tmp_path, check=False, env=ENV)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(cfg.prepared_dir(DATASET)) in lines[0] and "vmddpm prepare" in lines[0]
+
+
+def test_manifest_without_train_rows_is_a_user_error(make_cfg) -> None:
+    cfg = make_cfg(*TINY)
+    write_prepared(cfg.prepared_dir(DATASET), n=3, n_test=3)
+    with pytest.raises(UserError, match=r"manifest\.csv"):
+        train(cfg, DATASET, MODEL)
+
+
+def test_truncated_checkpoint_is_a_user_error(make_cfg) -> None:
+    cfg = tiny_cfg(make_cfg, "train.steps=2", "train.checkpoint_every=1")
+    out = train(cfg, DATASET, MODEL)
+    (out / "model.pt").unlink()
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[: len(data) // 2])
+    cfg4 = make_cfg(*TINY, "train.steps=4")
+    with pytest.raises(UserError) as e:
+        train(cfg4, DATASET, MODEL)
+    msg = str(e.value)
+    assert "last.pt" in msg and "corrupt" in msg and "delete" in msg and "\n" not in msg
+
+
+def test_checkpoint_from_another_model_is_refused(make_cfg) -> None:
+    cfg = tiny_cfg(make_cfg, "train.steps=2", "train.checkpoint_every=1")
+    train(cfg, DATASET, MODEL)
+    other = make_cfg(*TINY, "train.steps=4", "model.base_channels=16", "model.d_state=8")
+    with pytest.raises(UserError) as e:
+        train(other, DATASET, MODEL)
+    msg = str(e.value)
+    assert "another model" in msg and "base_channels" in msg and "d_state" in msg
+    assert "channel_mult" not in msg  # only the keys that differ are named
+
+
+def test_failed_write_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.arange(4.0)})
+    before = path.read_bytes()
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full (simulated serialisation failure)")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(path, {"step": 2, "w": torch.zeros(1000), "bad": Unpicklable()})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left behind
+    assert load_checkpoint(path)["step"] == 1
+
+
+def test_killed_writer_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    """A process SIGKILLed in the middle of writing a large checkpoint leaves the old one intact."""
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+    before = path.read_bytes()
+    code = (
+        "import torch, sys; from vmddpm.checkpoint import save_checkpoint; print('go', flush=True); "
+        f"save_checkpoint({str(path)!r}, {{'step': 2, 'w': [torch.randn(4_000_000) for _ in range(40)]}})"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "go"
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".last.pt") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)["step"] == 1
+    assert latest_checkpoint(tmp_path) == path  # a stray temp file is never picked up
+
+
+# ------------------------------------------------------------------------------------ units
+def test_rng_state_roundtrip(tmp_path: Path) -> None:
+    import random
+
+    state = capture_rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    save_checkpoint(tmp_path / "rng.pt", {"rng": state})
+    restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])  # through weights_only=True
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+def test_latest_checkpoint_order(tmp_path: Path) -> None:
+    assert latest_checkpoint(tmp_path / "absent") is None
+    assert latest_checkpoint(tmp_path) is None
+    for name in ("last.pt", "step_00000002.pt", "step_00000010.pt", ".step_00000099.pt.tmp.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_00000010.pt"
+
+
+def test_epoch_sampler_resumes_mid_epoch_and_shards() -> None:
+    full = EpochSampler(10, seed=3)
+    it = iter(full)
+    stream = [next(it) for _ in range(25)]
+    assert sorted(stream[:10]) == list(range(10)) and stream[:10] != stream[10:20]
+    resumed = iter(EpochSampler(10, seed=3, start=13))
+    assert [next(resumed) for _ in range(12)] == stream[13:]
+    r0, r1 = iter(EpochSampler(10, 3, rank=0, world=2)), iter(EpochSampler(10, 3, rank=1, world=2))
+    assert sorted([next(r0) for _ in range(5)] + [next(r1) for _ in range(5)]) == list(range(10))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_amp_training(make_cfg, amp: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cfg = tiny_cfg(
+        make_cfg, "train.steps=4", "train.checkpoint_every=2", "train.device=cuda", f"train.amp={amp}"
+    )
+    out = train(cfg, DATASET, MODEL)
+    state = load_checkpoint(out / "last.pt")
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())

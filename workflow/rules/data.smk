@@ -1,0 +1,40 @@
+rule download:
+    output:
+        directory(raw("{dataset}")),
+    params:
+        cli=CLI,
+        data=lambda w: knobs(f"data.{w.dataset}", "data.phantoms", "data.max_unpacked_bytes"),
+    log:
+        "logs/download/{dataset}.log",
+    benchmark:
+        "logs/benchmarks/download/{dataset}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        gpu=0,
+    conda:
+        "../../env/cpu.yaml"
+    shell:
+        "{params.cli} download --dataset {wildcards.dataset} > {log} 2>&1"
+
+
+rule prepare:
+    input:
+        lambda w: raw(w.dataset),
+    output:
+        directory(prepared("{dataset}")),
+    params:
+        cli=CLI,
+        data=lambda w: knobs("data.image_size", "data.split", f"data.{w.dataset}", "seed"),
+    log:
+        "logs/prepare/{dataset}.log",
+    benchmark:
+        "logs/benchmarks/prepare/{dataset}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        gpu=0,
+    conda:
+        "../../env/cpu.yaml"
+    shell:
+        "{params.cli} prepare --dataset {wildcards.dataset} > {log} 2>&1"

@@ -1,0 +1,21 @@
+rule evaluate:
+    input:
+        samples=lambda w: samples_dir(w.dataset, w.model),
+        reference=lambda w: prepared(w.dataset),
+    output:
+        metrics("{dataset}", "{model}"),
+    params:
+        cli=CLI,
+        eval=lambda w: knobs("eval"),
+    log:
+        "logs/evaluate/{dataset}/{model}.log",
+    benchmark:
+        "logs/benchmarks/evaluate/{dataset}/{model}.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        gpu=lambda w: gpu(1),
+    conda:
+        "../../env/eval.yaml"
+    shell:
+        "{params.cli} evaluate --dataset {wildcards.dataset} --model {wildcards.model} > {log} 2>&1"

@@ -1,0 +1,22 @@
+rule sample:
+    input:
+        train=lambda w: train_dir(w.dataset, w.model),
+        reference=lambda w: prepared(w.dataset),
+    output:
+        samples=directory(samples_dir("{dataset}", "{model}")),
+        grid=samples_dir("{dataset}", "{model}") + "_grid.png",
+    params:
+        cli=CLI,
+        sample=lambda w: knobs("sample", "diffusion", "eval.reference_split"),
+    log:
+        "logs/sample/{dataset}/{model}.log",
+    benchmark:
+        "logs/benchmarks/sample/{dataset}/{model}.tsv"
+    threads: 2
+    resources:
+        mem_mb=3000,
+        gpu=lambda w: gpu(1),
+    conda:
+        "../../env/cuda.yaml" if SCALE == "paper" else "../../env/cpu.yaml"
+    shell:
+        "{params.cli} sample --dataset {wildcards.dataset} --model {wildcards.model} > {log} 2>&1"

@@ -1,0 +1,27 @@
+rule train:
+    input:
+        lambda w: prepared(w.dataset),
+    output:
+        directory(train_dir("{dataset}", "{model}")),
+    params:
+        params=PARAMS,
+        scale=SCALE,
+        model=lambda w: model_knobs(w.model),
+        train=lambda w: knobs("train", "data.hflip", "data.image_size"),
+        launcher=lambda w, threads, resources: (
+            f"torchrun --standalone --nproc_per_node {resources.gpu} -m vmddpm" if resources.gpu > 1 else "vmddpm"
+        ),
+    log:
+        "logs/train/{dataset}/{model}.log",
+    benchmark:
+        "logs/benchmarks/train/{dataset}/{model}.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda w: 8000 if SCALE == "paper" else 3000,
+        gpu=lambda w: gpu(1),
+        runtime=lambda w: 2880 if SCALE == "paper" else 30,
+    conda:
+        "../../env/cuda.yaml" if SCALE == "paper" else "../../env/cpu.yaml"
+    shell:
+        "{params.launcher} --params {params.params} --scale {params.scale} train"
+        " --dataset {wildcards.dataset} --model {wildcards.model} > {log} 2>&1"
