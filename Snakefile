@@ -6,6 +6,7 @@
 #   snakemake --cores all --config scale=paper # real data, paper-sized networks (GPU)
 #   snakemake --cores all --use-conda          # per-rule environments from env/
 #   snakemake --profile workflow/profiles/slurm
+#   snakemake --workflow-profile workflow/profiles/default   # cores all, printed commands, failed logs
 #   snakemake --report report.html
 
 include: "workflow/rules/common.smk"

@@ -127,3 +127,15 @@ def test_make_install_is_up_to_date() -> None:
     assert proc.returncode == 0, "the install stamp is stale: `make test` would reinstall"
     dry = subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "pip install" not in dry
+
+
+def test_options_before_and_after_subcommand_combine(cli) -> None:
+    """`vmddpm --scale paper config get ...` == `vmddpm config get ... --scale paper`; --set adds up."""
+    before = cli("--scale", "paper", "config", "get", "train.steps", cwd=ROOT).stdout
+    after = cli("config", "get", "train.steps", "--scale", "paper", cwd=ROOT).stdout
+    assert before == after
+    both = cli(
+        "--set", "train.steps=4", "config", "show", "--format", "json", "--set", "train.lr=1", cwd=ROOT
+    )
+    doc = json.loads(both.stdout)
+    assert doc["train"]["steps"] == 4 and doc["train"]["lr"] == 1.0

@@ -27,22 +27,32 @@ from vmddpm.errors import UserError
 log = logging.getLogger("vmddpm")
 
 
-def _common() -> argparse.ArgumentParser:
+def _common(top: bool) -> argparse.ArgumentParser:
+    """The configuration options, accepted before and after the subcommand.
+
+    The top-level parser holds the real defaults; on subcommands every default is SUPPRESS, so
+    `vmddpm --scale paper train ...` and `vmddpm train --scale paper ...` mean the same and a
+    subcommand never resets what was given before it.
+    """
+
+    def d(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("configuration")
-    g.add_argument("--params", default=DEFAULT_PARAMS, metavar="PATH", help="params.yaml to read")
-    g.add_argument("--scale", choices=("demo", "paper"), help="override `scale:` of params.yaml")
+    g.add_argument("--params", default=d(DEFAULT_PARAMS), metavar="PATH", help="params.yaml to read")
+    g.add_argument("--scale", choices=("demo", "paper"), default=d(None), help="override `scale:`")
     g.add_argument(
         "--set",
-        dest="overrides",
+        dest="overrides" if top else "sub_overrides",  # both kept: see main()
         action="append",
-        default=[],
+        default=d([]),
         metavar="KEY=VALUE",
         help="override a resolved knob, e.g. --set train.steps=20 (repeatable; value parsed as YAML)",
     )
-    g.add_argument("--debug", action="store_true", help="show tracebacks")
-    g.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    g.add_argument("--debug", action="store_true", default=d(False), help="show tracebacks")
+    g.add_argument("-v", "--verbose", action="count", default=d(0), help="more logging (-vv: debug)")
+    g.add_argument("-q", "--quiet", action="store_true", default=d(False), help="warnings and errors only")
     return p
 
 
@@ -71,11 +81,12 @@ def _call(target: str, **kwargs: Any) -> Callable[[Config], Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _common()
+    common = _common(top=False)
     parser = argparse.ArgumentParser(
         prog="vmddpm",
         description="VM-DDPM reproducibility pipeline: every stage of the Snakemake/DVC workflow. "
-        "Every default comes from params.yaml; see `vmddpm COMMAND --help` for the common options.",
+        "Every default comes from params.yaml.",
+        parents=[_common(top=True)],
     )
     parser.add_argument("--version", action="version", version=f"vmddpm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -230,6 +241,7 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.overrides = [*args.overrides, *getattr(args, "sub_overrides", [])]
     setup_logging(args.verbose, args.quiet)
     try:
         cfg = load_config(args.params, scale=args.scale, overrides=args.overrides)

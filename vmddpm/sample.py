@@ -12,8 +12,9 @@ Outputs (default `out` = `cfg.samples_dir(dataset, model)` = `runs/<dataset>/<mo
 
 Image i is drawn from seed `sample.seed * 1_000_003 + i` alone (per-image generators in
 `vmddpm.diffusion`), so a killed run resumes by generating only the missing files, and any image can
-be regenerated on its own. Diffusion presets use EMA weights by default (`sample.use_ema`); GAN presets
-are delegated to `vmddpm.gan.generate`.
+be regenerated on its own (the network is always called on exactly `sample.batch_size` rows, see
+`Diffusion.sample`, so batch composition never changes a bit). Diffusion presets use EMA weights by
+default (`sample.use_ema`) on `train.device`; GAN presets are delegated to `vmddpm.gan.generate`.
 """
 
 from __future__ import annotations

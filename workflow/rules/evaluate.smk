@@ -11,7 +11,7 @@ rule evaluate:
         "logs/evaluate/{dataset}/{model}.log",
     benchmark:
         "logs/benchmarks/evaluate/{dataset}/{model}.tsv"
-    threads: 2
+    threads: 8 if SCALE == "paper" else 1
     resources:
         mem_mb=4000,
         gpu=lambda w: gpu(1),

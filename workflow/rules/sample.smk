@@ -5,6 +5,7 @@ rule sample:
     output:
         samples=directory(samples_dir("{dataset}", "{model}")),
         grid=samples_dir("{dataset}", "{model}") + "_grid.png",
+        meta=samples_dir("{dataset}", "{model}") + "_meta.json",
     params:
         cli=CLI,
         sample=lambda w: knobs("sample", "diffusion", "eval.reference_split"),
@@ -12,7 +13,7 @@ rule sample:
         "logs/sample/{dataset}/{model}.log",
     benchmark:
         "logs/benchmarks/sample/{dataset}/{model}.tsv"
-    threads: 2
+    threads: 8 if SCALE == "paper" else 1
     resources:
         mem_mb=3000,
         gpu=lambda w: gpu(1),

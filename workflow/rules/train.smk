@@ -15,7 +15,7 @@ rule train:
         "logs/train/{dataset}/{model}.log",
     benchmark:
         "logs/benchmarks/train/{dataset}/{model}.tsv"
-    threads: 2
+    threads: 8 if SCALE == "paper" else 1
     resources:
         mem_mb=lambda w: 8000 if SCALE == "paper" else 3000,
         gpu=lambda w: gpu(1),
