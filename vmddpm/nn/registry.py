@@ -45,7 +45,7 @@ def build_model(cfg: Config, name: str, image_size: int | None = None) -> nn.Mod
         if preset.family == "unet_attn":
             from vmddpm.nn.baselines.unet_attn import UNetAttn
 
-            return UNetAttn(**dataclasses.asdict(cfg.baselines.unet_attn), in_channels=1)
+            return UNetAttn(**dataclasses.asdict(cfg.baselines.unet_attn), image_size=size, in_channels=1)
         if preset.family == "dit":
             from vmddpm.nn.baselines.dit import DiT
 
@@ -96,7 +96,7 @@ def model_signature(cfg: Config, name: str, image_size: int | None = None) -> di
     elif preset.family == "unet_attn":
         arch = dataclasses.asdict(cfg.baselines.unet_attn)
         arch.pop("dropout")
-        sig.update(arch)
+        sig.update(arch, image_size=_image_size(cfg, image_size))  # attention placement depends on it
     elif preset.family == "dit":
         sig.update(dataclasses.asdict(cfg.baselines.dit), image_size=_image_size(cfg, image_size))
     elif preset.family == "gan":
