@@ -4,6 +4,7 @@ no-ops, samples depend only on their seed, and a SIGKILLed `vmddpm train` resume
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -21,6 +22,7 @@ from tests.test_train import write_prepared
 from vmddpm.checkpoint import load_checkpoint
 from vmddpm.gan import generate, train_gan
 from vmddpm.nn.registry import build_gan
+from vmddpm.sample import sample
 from vmddpm.train import state_hash, train
 
 DATASET = "acdc"
@@ -79,6 +81,12 @@ def test_finished_run_is_noop_and_samples_depend_on_own_seed(make_cfg) -> None:
     assert batch.shape == (3, 1, 16, 16) and batch.min() >= -1 and batch.max() <= 1
     assert torch.equal(batch[1], alone[0])
     assert not torch.equal(batch[0], batch[2])
+    # the sample stage treats the GAN as any other model: PNGs + meta naming the checkpoint step
+    cfg4 = gan_cfg(make_cfg, "train.steps=4", "sample.n_images=4")
+    folder = sample(cfg4, DATASET, "dcgan")
+    assert len(list(folder.glob("*.png"))) == 4
+    meta = json.loads((folder.parent / f"{folder.name}_meta.json").read_text())
+    assert meta["family"] == "gan" and meta["checkpoint_step"] == 4
 
 
 def _cli_args(*extra: str) -> list[str]:

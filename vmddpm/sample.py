@@ -175,9 +175,9 @@ def _diffusion_generator(cfg: Config, dataset: str, model: str) -> tuple[Any, in
 
 
 def _gan_generator(cfg: Config, dataset: str, model: str) -> tuple[Any, int | None, str]:
-    from vmddpm.gan import generate
+    from vmddpm.gan import generate, load_generator
 
     def gen(seeds: list[int]) -> torch.Tensor:
         return generate(cfg, dataset, model, seeds)
 
-    return gen, None, "none"
+    return gen, load_generator(cfg, dataset, model)[1], "none"
