@@ -113,7 +113,9 @@ def _shape_error(name: str, expected: str, t: torch.Tensor) -> ValueError:
 def _validate(u, delta, A, B, C, D, z, delta_bias, debug: bool) -> None:
     """ValueError naming the input and the expected shape; with `debug`, also non-finite values."""
     if not isinstance(u, torch.Tensor) or u.dim() != 3:
-        raise _shape_error("u", "(batch, dim, L)", torch.as_tensor(u) if not isinstance(u, torch.Tensor) else u)
+        raise _shape_error(
+            "u", "(batch, dim, L)", torch.as_tensor(u) if not isinstance(u, torch.Tensor) else u
+        )
     batch, dim, length = u.shape
     if delta.shape != u.shape:
         raise _shape_error("delta", f"(batch, dim, L) = {tuple(u.shape)} like u", delta)
@@ -126,8 +128,13 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, debug: bool) -> None:
         ok = (
             (m.dim() == 2 and tuple(m.shape) == (dim, n))
             or (m.dim() == 3 and tuple(m.shape) == (batch, n, length))
-            or (m.dim() == 4 and m.shape[0] == batch and m.shape[2:] == (n, length) and m.shape[1] >= 1
-                and dim % m.shape[1] == 0)
+            or (
+                m.dim() == 4
+                and m.shape[0] == batch
+                and m.shape[2:] == (n, length)
+                and m.shape[1] >= 1
+                and dim % m.shape[1] == 0
+            )
         )
         if not ok:
             raise _shape_error(
@@ -153,7 +160,9 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, debug: bool) -> None:
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float32, or float64 when any input is float64 (fp16/bf16 inputs are upcast)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    return (
+        torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    )
 
 
 # ------------------------------------------------------------------------------------- entry point
