@@ -111,3 +111,119 @@ def test_cuda_equals_ref() -> None:
     torch.testing.assert_close(y, y_ref, rtol=2e-3, atol=2e-3)
     for a, b in zip(g, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize(
+    ("batch", "dim", "length", "n", "groups"),
+    [(1, 4, 1, 2, 2), (3, 6, 7, 3, 3), (2, 4, 33, 5, 1), (1, 8, 100, 4, 4)],
+)
+def test_softplus_z_grouped_last_state_random_shapes(backend, batch, dim, length, n, groups) -> None:
+    """Every option at once (softplus without a bias too) on shapes that are not powers of two."""
+    x = _inputs(batch, dim, length, n, groups=groups, seed=batch * 100 + length)
+    for keys in (("u", "delta", "A", "B", "C", "z"), ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")):
+        kw = {"delta_softplus": True, "return_last_state": True}
+        y_ref, last_ref, g_ref = _run("ref", x, keys, **kw)
+        y, last, g = _run(backend, x, keys, **kw)
+        torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(last, last_ref, rtol=1e-9, atol=1e-10)
+        for name, a, b in zip(keys, g, g_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_b_and_c_with_different_groups_and_constant_bc(backend) -> None:
+    """B grouped, C shared (batch, N, L); and time-invariant B, C given as (dim, N)."""
+    x = _inputs(2, 4, 9, 3, groups=2, seed=11)
+    x["C"] = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    keys = ("u", "delta", "A", "B", "C", "D")
+    y_ref, _, g_ref = _run("ref", x, keys)
+    y, _, g = _run(backend, x, keys)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+    x["B"] = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    x["C"] = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y_ref, _, g_ref = _run("ref", x, keys)
+    y, _, g = _run(backend, x, keys)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_float32_gradients_close_to_float64_reference(backend) -> None:
+    """float32 in, float32 state: outputs and every gradient within ~1e-4 (relative to the largest
+    entry) of the float64 reference, with softplus and grouped B/C."""
+    x64 = _inputs(2, 6, 50, 4, groups=3, seed=7)
+    x32 = {k: v.detach().float().requires_grad_() for k, v in x64.items()}
+    keys = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    y_ref, last_ref, g_ref = _run("ref", x64, keys, delta_softplus=True, return_last_state=True)
+    y, last, g = _run(backend, x32, keys, delta_softplus=True, return_last_state=True)
+    assert y.dtype == torch.float32 and last.dtype == torch.float32
+    for name, a, b in [("y", y, y_ref), ("last", last, last_ref), *zip(keys, g, g_ref, strict=True)]:
+        scale = float(b.detach().abs().max())
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * scale, msg=f"{name}")
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_long_sequence_strong_decay_is_stable(backend) -> None:
+    """Large dt * |A| (decays down to e^-400) over a long sequence: finite and equal to ref."""
+    x = _inputs(1, 2, 300, 3, seed=2)
+    with torch.no_grad():
+        x["delta"].mul_(40.0)
+        x["A"].mul_(20.0)
+    keys = ("u", "delta", "A", "B", "C")
+    y_ref, _, g_ref = _run("ref", x, keys)
+    y, _, g = _run(backend, x, keys)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_auto_dispatch_matches_named_backend_on_cpu() -> None:
+    x = _inputs(2, 3, 12, 4)
+    keys = ("u", "delta", "A", "B", "C", "D")
+    args = {k: x[k] for k in keys}
+    auto = selective_scan(**args, backend="auto")
+    named = selective_scan(**args, backend=resolve_backend("auto", "cpu"))
+    torch.testing.assert_close(auto, named, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        ({"delta": torch.zeros(2, 3, 9)}, r"delta must be \(batch, dim, L\)"),
+        ({"A": torch.zeros(4, 4)}, r"A must be \(dim, N\) with dim = 3"),
+        ({"B": torch.zeros(2, 5, 10)}, r"B must be \(batch, N, L\) = \(2, 4, 10\)"),
+        ({"C": torch.zeros(2, 2, 4, 10)}, r"C must be"),  # 3 channels do not split into 2 groups
+        ({"D": torch.zeros(4)}, r"D must be \(dim,\) = \(3,\)"),
+        ({"z": torch.zeros(2, 3)}, r"z must be \(batch, dim, L\)"),
+        ({"delta_bias": torch.zeros(3, 1)}, r"delta_bias must be \(dim,\)"),
+    ],
+)
+def test_mismatched_shapes_name_input_and_expected_shape(change, pattern) -> None:
+    x = {k: v.detach() for k, v in _inputs(2, 3, 10, 4, dtype=torch.float32).items()}
+    x.update(change)
+    with pytest.raises(ValueError, match=pattern):
+        selective_scan(**x, backend="pscan")
+
+
+def test_non_finite_inputs_rejected_in_debug_mode(monkeypatch) -> None:
+    x = {k: v.detach().clone() for k, v in _inputs(2, 3, 10, 4).items()}
+    x["B"][0, 1, 2] = float("nan")
+    selective_scan(**x, backend="pscan")  # not checked by default (the check costs a sync on GPU)
+    monkeypatch.setenv("VMDDPM_DEBUG", "1")
+    with pytest.raises(ValueError, match="B has non-finite"):
+        selective_scan(**x, backend="pscan")
+    x["B"][0, 1, 2] = 0.0
+    x["delta_bias"][1] = float("inf")
+    with pytest.raises(ValueError, match="delta_bias has non-finite"):
+        selective_scan(**x, backend="pscan")
+
+
+def test_unknown_backend_in_selective_scan_names_it() -> None:
+    x = {k: v.detach() for k, v in _inputs(1, 2, 5, 3).items()}
+    with pytest.raises(ValueError, match=r"'numpy'.*unknown backend"):
+        selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="numpy")
