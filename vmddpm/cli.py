@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n-fake", type=int, required=True)
     m.add_argument("--seed", type=int, help="default: `seed:` of params.yaml")
     m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--samples", type=Path, help="folder of generated PNGs (default: the sample stage's)")
     s = rs.add_parser("score", help="score readers' answer files against the sealed key", parents=[common])
     s.add_argument("--study", type=Path, required=True)
     s.add_argument("--answers", type=Path, nargs="+", required=True)
@@ -216,6 +217,7 @@ def _dispatch(args: argparse.Namespace) -> Callable[[Config], Any]:
             n_fake=args.n_fake,
             seed=args.seed,
             out=args.out,
+            samples=args.samples,
         )
     if c == "reader-study":
         return _call("vmddpm.readerstudy:score_study", study=args.study, answers=args.answers)

@@ -30,6 +30,8 @@ from vmddpm.errors import UserError
 DATASETS: tuple[str, ...] = ("chestxray", "brats2018", "acdc")
 FAMILIES: tuple[str, ...] = ("vmunet", "unet_attn", "dit", "gan")
 DEFAULT_PARAMS = "params.yaml"
+DEMO_LABEL = "demo — not comparable to the paper"
+"""The label every number, table and figure made at demo scale or with the random extractor carries."""
 
 
 class ConfigError(UserError):

@@ -40,7 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from vmddpm import io as vio
-from vmddpm.config import Config
+from vmddpm.config import DEMO_LABEL, Config
 from vmddpm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,6 @@ FEATURE_LAYER = "2048"
 RANDOM_EXTRACTOR_NAME = "vmddpm-random-inception-v3"
 RESIZE = "torch-fidelity tf1-bilinear to 299x299, grayscale replicated to 3 channels"
 RESIZE_CLEAN = "clean-fid PIL-bicubic (anti-aliased) to 299x299"
-DEMO_LABEL = "demo — not comparable to the paper"
 PROTOCOL_VERSION = 1  # bump when feature extraction changes: invalidates the reference-feature caches
 IMAGE_SUFFIXES = (".png",)
 

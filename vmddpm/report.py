@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 
 from vmddpm import io as vio
-from vmddpm.config import Config
+from vmddpm.config import DEMO_LABEL, Config
 from vmddpm.errors import UserError
 
 log = logging.getLogger(__name__)
 
-DEMO_LABEL = "demo — not comparable to the paper"  # the same text as vmddpm.metrics.DEMO_LABEL
 NOT_RUN = "not run"
 MAIN_COLUMNS = (
     "dataset",
