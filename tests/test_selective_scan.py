@@ -227,3 +227,26 @@ def test_unknown_backend_in_selective_scan_names_it() -> None:
     x = {k: v.detach() for k, v in _inputs(1, 2, 5, 3).items()}
     with pytest.raises(ValueError, match=r"'numpy'.*unknown backend"):
         selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="numpy")
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="numba is not importable")
+def test_cpu_backend_keeps_the_thread_count_a_job_was_given() -> None:
+    """A Snakemake job with threads: 1 runs with OMP_NUM_THREADS=1; starting numba's OpenMP pool
+    must not widen torch's pool (or numba's) to every core behind the scheduler's back."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, numba\n"
+        "from vmddpm.ops.selective_scan import selective_scan\n"
+        "u = torch.randn(2, 4, 16, requires_grad=True)\n"
+        "y = selective_scan(u, torch.rand(2, 4, 16), -torch.rand(4, 3), torch.randn(2, 3, 16),\n"
+        "                   torch.randn(2, 3, 16), backend='cpu')\n"
+        "y.sum().backward()\n"
+        "print(torch.get_num_threads(), numba.get_num_threads())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1"], out.stdout + out.stderr

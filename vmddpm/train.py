@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -55,10 +55,12 @@ from vmddpm.checkpoint import (
     save_checkpoint,
 )
 from vmddpm.config import Config
-from vmddpm.diffusion import Diffusion
 from vmddpm.errors import UserError
 from vmddpm.io import atomic_path, write_text
 from vmddpm.tracking import NullRun, start_run
+
+if TYPE_CHECKING:  # diffusers costs seconds of import: GAN runs and no-op reruns never need it
+    from vmddpm.diffusion import Diffusion
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +248,8 @@ def _train(
     amp_dtype = torch.bfloat16 if tc.amp == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and tc.amp == "fp16")
     noise_gen = torch.Generator("cpu").manual_seed(cfg.seed * 1009 + 17 + rank)
+    from vmddpm.diffusion import Diffusion
+
     diffusion = Diffusion(cfg.diffusion)
 
     step, history = 0, []

@@ -54,7 +54,14 @@ def _mamba_ssm_fn():
 
 @functools.lru_cache(maxsize=1)
 def _numba_reason() -> str | None:
-    """None when the numba CPU kernel can be used, else why not."""
+    """None when the numba CPU kernel can be used, else why not.
+
+    numba's OpenMP layer sizes the process-wide OpenMP pool to NUMBA_NUM_THREADS (default: every
+    core) when it starts, which also resizes torch's intra-op pool: a Snakemake job given one thread
+    (OMP_NUM_THREADS=1) would then run torch on every core, beside the other jobs. So numba gets
+    torch's thread count unless the user chose one.
+    """
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(torch.get_num_threads()))
     try:
         import numba  # noqa: F401
     except Exception as exc:
@@ -359,6 +366,27 @@ CPU_CHUNK = 64
 the backward recomputes at most this many states per (batch, channel) from the checkpoint."""
 
 
+def _match_numba_threads() -> int:
+    """Run the numba kernel on as many threads as torch's intra-op pool (returned): a job that
+    Snakemake gives one thread (OMP_NUM_THREADS=1, which torch honours and numba does not) must not
+    spread over every core beside the other jobs. See `_keep_torch_threads` for the other half."""
+    import numba
+
+    n = torch.get_num_threads()
+    want = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != want:
+        numba.set_num_threads(want)
+    return n
+
+
+def _keep_torch_threads(n: int) -> None:
+    """numba's first parallel launch sizes the shared OpenMP runtime to NUMBA_NUM_THREADS, which
+    silently widens torch's pool too (when numba was imported before `_numba_reason` could set it):
+    put torch back to the `n` threads it had."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 class _CpuScan(torch.autograd.Function):
     """The numba kernels of `vmddpm.ops.scan_cpu` as an autograd function (B/C as (batch, G, N, L))."""
 
@@ -369,9 +397,11 @@ class _CpuScan(torch.autograd.Function):
         def arr(t: torch.Tensor):
             return t.detach().contiguous().numpy()
 
+        threads = _match_numba_threads()
         u_, dt_, A_ = arr(u), arr(dt), arr(A)
         bt, ct = arr(Bg.transpose(2, 3)), arr(Cg.transpose(2, 3))  # (batch, G, L, N)
         y, last, ckpt = scan_cpu.scan_fwd(u_, dt_, A_, bt, ct, CPU_CHUNK)
+        _keep_torch_threads(threads)
         ctx.arrays = (u_, dt_, A_, bt, ct, ckpt)
         return torch.from_numpy(y), torch.from_numpy(last)
 
@@ -379,6 +409,7 @@ class _CpuScan(torch.autograd.Function):
     def backward(ctx, dy, dlast):
         from vmddpm.ops import scan_cpu
 
+        threads = _match_numba_threads()
         u_, dt_, A_, bt, ct, ckpt = ctx.arrays
         dy_ = np.zeros_like(u_) if dy is None else dy.detach().contiguous().numpy()
         if dlast is None:
@@ -386,6 +417,7 @@ class _CpuScan(torch.autograd.Function):
         else:
             dlast_ = dlast.detach().contiguous().numpy()
         du, ddt, da, db, dc = scan_cpu.scan_bwd(u_, dt_, A_, bt, ct, ckpt, dy_, dlast_, CPU_CHUNK)
+        _keep_torch_threads(threads)
         t = torch.from_numpy
         return t(du), t(ddt), t(da).sum(0), t(db).transpose(2, 3), t(dc).transpose(2, 3)
 
