@@ -64,6 +64,7 @@ def cfg(tmp_path_factory: pytest.TempPathFactory):
             "eval.kid_subset_size=8",
             "eval.kid_subsets=5",
             "eval.device=cpu",
+            "eval.clean_fid=true",  # off at demo scale (cost); these tests check the cross-check
             "tracking.enabled=false",
         ],
     )
@@ -303,7 +304,7 @@ def make_prepared(folder: Path, splits: dict[str, np.ndarray]) -> Path:
 
 
 def test_evaluate_writes_every_protocol_field(make_cfg, tmp_path, cli):
-    cfg = make_cfg("eval.kid_subset_size=8", "eval.kid_subsets=4", "eval.n_fake=12")
+    cfg = make_cfg("eval.kid_subset_size=8", "eval.kid_subsets=4", "eval.n_fake=12", "eval.clean_fid=true")
     train = phantoms(20, seed=10)
     make_prepared(cfg.prepared_dir("acdc"), {"train": train, "val": phantoms(4, 11), "test": phantoms(4, 12)})
     fake = np.concatenate([train[:2], phantoms(12, seed=13)])  # 2 memorised, 12 fresh, 14 in total

@@ -85,7 +85,7 @@ def build_fixture(cfg: Config) -> dict[tuple[str, str], dict]:
                 "n_fake": 8,
                 "extractor": "inception" if paper else "random-inception",
                 "weights_sha256": M.INCEPTION_SHA256 if paper else "ab" * 32,
-                "resize": M.RESIZE,
+                "resize": M.RESIZE.format(size=299),
                 "sampler": "gan" if cfg.preset(model).family == "gan" else "ddim",
                 "steps": None if cfg.preset(model).family == "gan" else 20,
                 "seed": 0,

@@ -62,3 +62,31 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_png(path: str | Path, image: Any) -> Path:
+    """A (H, W) uint8 array as an 8-bit grayscale PNG, atomically."""
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(image, mode="L").save(tmp, format="PNG")
+    return Path(path)
+
+
+def write_png_grid(path: str | Path, images: Any, pad: int = 2) -> Path:
+    """(N, H, W) uint8 images as one grayscale PNG grid (ceil(sqrt(N)) per row, white gutters).
+
+    numpy, not torchvision's make_grid: importing torchvision costs a process seconds (it pulls in
+    torch._dynamo), and the sample and train stages need nothing else from it.
+    """
+    import numpy as np
+
+    imgs = np.asarray(images, dtype=np.uint8)
+    n, h, w = imgs.shape
+    ncol = max(1, int(np.ceil(np.sqrt(n))))
+    nrow = -(-n // ncol)
+    grid = np.full((pad + nrow * (h + pad), pad + ncol * (w + pad)), 255, dtype=np.uint8)
+    for i, img in enumerate(imgs):
+        top, left = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
+        grid[top : top + h, left : left + w] = img
+    return write_png(path, grid)

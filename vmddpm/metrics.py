@@ -53,9 +53,13 @@ INCEPTION_ALIASES = (INCEPTION_FILENAME, "pt_inception-2015-12-05-6726825d.pth")
 INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 FEATURE_LAYER = "2048"
 RANDOM_EXTRACTOR_NAME = "vmddpm-random-inception-v3"
-RESIZE = "torch-fidelity tf1-bilinear to 299x299, grayscale replicated to 3 channels"
+RESIZE = "torch-fidelity tf1-bilinear to {size}x{size}, grayscale replicated to 3 channels"
+RANDOM_INPUT_SIZE = 75
+"""Input side of the random extractor: Inception-v3's smallest (16x fewer FLOPs than 299). Its
+weights are random and its numbers demo-only, so only the plumbing matters; at 299 the demo's 33
+evaluate jobs spent more CPU on Inception than the training of the models they evaluate."""
 RESIZE_CLEAN = "clean-fid PIL-bicubic (anti-aliased) to 299x299"
-PROTOCOL_VERSION = 1  # bump when feature extraction changes: invalidates the reference-feature caches
+PROTOCOL_VERSION = 2  # bump when feature extraction changes: invalidates the reference-feature caches
 IMAGE_SUFFIXES = (".png",)
 
 # Fields every metrics.json carries (DESIGN.md §6 plus identification and the memorisation check).
@@ -120,6 +124,7 @@ def _make_random_cls() -> type:
 
     class RandomInceptionV3(base):  # type: ignore[misc, valid-type]
         seed = 0
+        INPUT_IMAGE_SIZE = RANDOM_INPUT_SIZE
 
         def __init__(self, name: str, features_list: Sequence[str], **kwargs: Any) -> None:
             kwargs.pop("feature_extractor_weights_path", None)
@@ -243,6 +248,12 @@ def load_extractor(cfg: Config) -> Extractor:
     module = module.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     log.info("feature extractor: %s (weights sha256 %s) on %s", cfg.eval.extractor, sha[:12], device)
     return Extractor(cfg.eval.extractor, module, sha, path, device)
+
+
+def resize_protocol(ex: Extractor) -> str:
+    """What metrics.json records as `resize`: the extractor's own input size (299, or the random
+    extractor's smaller one)."""
+    return RESIZE.format(size=getattr(ex.module, "INPUT_IMAGE_SIZE", 299))
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -489,31 +500,49 @@ def reference_features(cfg: Config, ref: ImageSet, ex: Extractor, tag: str) -> d
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     path = cache_dir(cfg) / f"{tag}-{key}.npz"
-    if path.is_file():
-        try:
-            with np.load(path) as z:
-                out = {k: z[k] for k in z.files}
-            log.info("reference features from cache %s", path)
-            return {
-                "feats": out["feats"],
-                "feats_clean": out["feats_clean"] if cfg.eval.clean_fid else None,
-                "floor": float(out["floor"]) if out["floor"].size and np.isfinite(out["floor"]) else None,
-                "key": key,
-            }
-        except (OSError, ValueError, KeyError) as e:
-            log.warning("%s: unreadable reference cache (%s); recomputing", path, e)
-    log.info("extracting reference features of %d images (cached afterwards in %s)", len(ref), path)
-    feats = extract_features(ref.pixels, ex, cfg.eval.batch_size, desc="reference features")
-    clean = extract_clean_features(ref.files, ex, cfg.eval.batch_size) if cfg.eval.clean_fid else None
-    floor = real_floor(feats, cfg.seed)
-    with vio.atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(
-            fh,
-            feats=feats,
-            feats_clean=clean if clean is not None else np.zeros((0, feats.shape[1])),
-            floor=np.array(np.nan if floor is None else floor),
-        )
+    cached = _read_reference_cache(cfg, path, key)
+    if cached is not None:
+        return cached
+    from filelock import FileLock
+
+    # The 11 evaluate jobs of a dataset start together: one extracts, the others wait and read.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=3600):
+        cached = _read_reference_cache(cfg, path, key)
+        if cached is not None:
+            return cached
+        log.info("extracting reference features of %d images (cached afterwards in %s)", len(ref), path)
+        feats = extract_features(ref.pixels, ex, cfg.eval.batch_size, desc="reference features")
+        clean = extract_clean_features(ref.files, ex, cfg.eval.batch_size) if cfg.eval.clean_fid else None
+        floor = real_floor(feats, cfg.seed)
+        with vio.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(
+                fh,
+                feats=feats,
+                feats_clean=clean if clean is not None else np.zeros((0, feats.shape[1])),
+                floor=np.array(np.nan if floor is None else floor),
+            )
     return {"feats": feats, "feats_clean": clean, "floor": floor, "key": key}
+
+
+def _read_reference_cache(cfg: Config, path: Path, key: str) -> dict[str, Any] | None:
+    """The cached reference features at `path`, or None when absent or unreadable (then recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            out = {k: z[k] for k in z.files}
+        cached = {
+            "feats": out["feats"],
+            "feats_clean": out["feats_clean"] if cfg.eval.clean_fid else None,
+            "floor": float(out["floor"]) if out["floor"].size and np.isfinite(out["floor"]) else None,
+            "key": key,
+        }
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("%s: unreadable reference cache (%s); recomputing", path, e)
+        return None
+    log.info("reference features from cache %s", path)
+    return cached
 
 
 # ------------------------------------------------------------------------------------------- stage
@@ -592,7 +621,7 @@ def compute_metrics(
         "extractor": ex.kind,
         "weights_sha256": ex.weights_sha256,
         "feature_layer": f"pool3 {FEATURE_LAYER}-d",
-        "resize": RESIZE,
+        "resize": resize_protocol(ex),
         "resize_clean": RESIZE_CLEAN if cfg.eval.clean_fid else None,
         "image_size": int(fake.pixels.shape[1]),
         "kid_subset_size": cfg.eval.kid_subset_size,

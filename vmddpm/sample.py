@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from vmddpm.config import Config
 from vmddpm.errors import UserError
-from vmddpm.io import atomic_path, write_json
+from vmddpm.io import write_json, write_png, write_png_grid
 from vmddpm.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -65,19 +65,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x[:, 0].numpy()
 
 
-def write_png(arr: np.ndarray, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr, mode="L").save(tmp, format="PNG")
-
-
 def write_grid(files: list[Path], path: Path) -> Path:
-    from torchvision.utils import make_grid
-
-    imgs = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("L"))) for f in files])[:, None]
-    nrow = max(1, int(np.ceil(np.sqrt(len(files)))))
-    grid = make_grid(imgs, nrow=nrow, padding=2, pad_value=255)[0].numpy().astype(np.uint8)
-    write_png(grid, path)
-    return path
+    return write_png_grid(path, np.stack([np.array(Image.open(f).convert("L")) for f in files]))
 
 
 def sample(cfg: Config, dataset: str, model: str, out: Path | None = None) -> Path:
@@ -136,7 +125,7 @@ def sample(cfg: Config, dataset: str, model: str, out: Path | None = None) -> Pa
                 idx = missing[k : k + bs]
                 imgs = generate_fn([image_seed(sc.seed, i) for i in idx])
                 for i, arr in zip(idx, to_uint8(imgs), strict=True):
-                    write_png(arr, files[i])
+                    write_png(files[i], arr)
                 bar.update(len(idx))
                 bar.set_postfix(img_s=f"{bar.n / max(time.perf_counter() - t0, 1e-9):.2f}")
         secs = time.perf_counter() - t0

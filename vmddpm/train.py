@@ -56,7 +56,7 @@ from vmddpm.checkpoint import (
 )
 from vmddpm.config import Config
 from vmddpm.errors import UserError
-from vmddpm.io import atomic_path, write_text
+from vmddpm.io import write_png_grid, write_text
 from vmddpm.tracking import NullRun, start_run
 
 if TYPE_CHECKING:  # diffusers costs seconds of import: GAN runs and no-op reruns never need it
@@ -165,15 +165,8 @@ def _batch_images(batch: Any) -> torch.Tensor:
 
 def make_grid_png(images: torch.Tensor, path: Path) -> Path:
     """Save images in [-1, 1] as one grayscale PNG grid, atomically."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    nrow = max(1, int(math.sqrt(images.shape[0])))
-    grid = make_grid((images.float().cpu() + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)[0]
-    arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr, mode="L").save(tmp, format="PNG")
-    return path
+    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return write_png_grid(path, arr[:, 0].numpy())
 
 
 def write_history(path: Path, rows: list[dict[str, float]]) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 
 import numpy as np
 import torch
@@ -59,9 +60,12 @@ def _numba_reason() -> str | None:
     numba's OpenMP layer sizes the process-wide OpenMP pool to NUMBA_NUM_THREADS (default: every
     core) when it starts, which also resizes torch's intra-op pool: a Snakemake job given one thread
     (OMP_NUM_THREADS=1) would then run torch on every core, beside the other jobs. So numba gets
-    torch's thread count unless the user chose one.
+    torch's thread count unless the user chose one. Only before numba's import: numba re-reads its
+    environment on every compilation and refuses a NUMBA_NUM_THREADS that differs from its running
+    pool (then `_keep_torch_threads` repairs torch's pool instead).
     """
-    os.environ.setdefault("NUMBA_NUM_THREADS", str(torch.get_num_threads()))
+    if "numba" not in sys.modules:
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(torch.get_num_threads()))
     try:
         import numba  # noqa: F401
     except Exception as exc:
