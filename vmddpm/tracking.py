@@ -211,6 +211,8 @@ def start_run(
 
     retries = cfg.tracking.retries
     uri = resolve_uri(cfg)
+    if uri.startswith("sqlite:"):  # a second of imports: outside the lock, so parallel jobs do not wait on it
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     with _init_lock(uri):  # the first writer creates the schema; others must not migrate it concurrently
         client = retry(MlflowClient, tracking_uri=uri, retries=retries)
         exp_id = retry(
