@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,63 @@ def run_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 600, env
 @pytest.fixture
 def cli() -> Callable[..., subprocess.CompletedProcess]:
     return run_cli
+
+
+# One CPU thread: fast on a shared machine, and the same float reduction order in every process.
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Run the test (and the processes it starts) on one thread; restore torch's settings after.
+    Modules that train use it for every test: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    for k, v in ONE_THREAD_ENV.items():
+        monkeypatch.setenv(k, v)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(False)
+
+
+def kill_and_resume(
+    tmp_path: Path,
+    args: Sequence[str],
+    prepare: Callable[[Path], object],
+    train_dir: str,
+    max_step: int,
+) -> tuple[Path, Path]:
+    """Train `vmddpm ARGS` twice in two fresh project folders (a copy of params.yaml, `prepare(root)`
+    writes the data): once straight through, once SIGKILLed as soon as its first checkpoint exists and
+    then rerun to resume. Returns the two train folders (straight, resumed) for the caller to compare."""
+    from vmddpm.checkpoint import load_checkpoint
+
+    roots = {}
+    for name in ("straight", "killed"):
+        root = tmp_path / name
+        root.mkdir()
+        shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+        prepare(root)
+        roots[name] = root
+    run_cli(*args, cwd=roots["straight"], env=ONE_THREAD_ENV)
+
+    killed = roots["killed"] / train_dir
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmddpm", *args],
+        cwd=roots["killed"],
+        env={**os.environ, **ONE_THREAD_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (killed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "model.pt").exists()
+    assert 0 < load_checkpoint(killed / "last.pt")["step"] < max_step
+    run_cli(*args, cwd=roots["killed"], env=ONE_THREAD_ENV)
+    return roots["straight"] / train_dir, killed

@@ -6,17 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import TINY
+from tests.conftest import TINY, kill_and_resume
 from tests.test_baselines import TINY_BASELINES
 from tests.test_train import write_prepared
 from vmddpm.checkpoint import load_checkpoint
@@ -26,18 +21,7 @@ from vmddpm.sample import sample
 from vmddpm.train import state_hash, train
 
 DATASET = "acdc"
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    for k, v in ENV.items():
-        monkeypatch.setenv(k, v)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(False)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gan_cfg(make_cfg, *extra: str):
@@ -96,37 +80,15 @@ def _cli_args(*extra: str) -> list[str]:
     return out
 
 
-def test_gan_sigkill_and_resume_is_bit_identical(tmp_path: Path, cli) -> None:
+def test_gan_sigkill_and_resume_is_bit_identical(tmp_path: Path) -> None:
     steps = ("train.steps=300", "train.checkpoint_every=10", "train.deterministic=true", "train.log_every=10")
-    roots = {}
-    for name in ("straight", "killed"):
-        root = tmp_path / name
-        root.mkdir()
-        (root / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
-        write_prepared(root / "data" / "prepared" / DATASET)
-        roots[name] = root
-    cli(*_cli_args(*steps), cwd=roots["straight"], env=ENV)
-
-    train_dir = roots["killed"] / "runs" / DATASET / "wgan_gp" / "train"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vmddpm", *_cli_args(*steps)],
-        cwd=roots["killed"],
-        env={**os.environ, **ENV},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    straight, train_dir = kill_and_resume(
+        tmp_path,
+        _cli_args(*steps),
+        lambda root: write_prepared(root / "data" / "prepared" / DATASET),
+        f"runs/{DATASET}/wgan_gp/train",
+        max_step=300,
     )
-    deadline = time.time() + 300
-    while not (train_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (train_dir / "model.pt").exists()
-    killed_at = load_checkpoint(train_dir / "last.pt")["step"]
-    assert 0 < killed_at < 300
-    cli(*_cli_args(*steps), cwd=roots["killed"], env=ENV)
-
-    straight = roots["straight"] / "runs" / DATASET / "wgan_gp" / "train"
     a, b = load_checkpoint(train_dir / "model.pt"), load_checkpoint(straight / "model.pt")
     for key in ("model", "ema", "discriminator"):
         assert state_hash(a[key]) == state_hash(b[key]), key

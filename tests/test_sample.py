@@ -6,26 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from tests.test_train import DATASET, ENV, MODEL, tiny_cfg
+from tests.conftest import ONE_THREAD_ENV
+from tests.test_train import DATASET, MODEL, tiny_cfg
 from vmddpm.errors import UserError
 from vmddpm.sample import sample
 from vmddpm.train import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SAMPLE = ("sample.n_images=10", "sample.batch_size=8", "sample.sampler=ddim", "sample.steps=8")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    for k, v in ENV.items():
-        monkeypatch.setenv(k, v)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(False)
 
 
 @pytest.fixture
@@ -98,7 +89,9 @@ def test_no_trained_model_is_a_user_error(make_cfg, cli, tmp_path: Path) -> None
     cfg = tiny_cfg(make_cfg, *SAMPLE)
     with pytest.raises(UserError, match=r"model\.pt.*vmddpm train"):
         sample(cfg, DATASET, MODEL)
-    proc = cli("sample", "--dataset", DATASET, "--model", MODEL, cwd=tmp_path, check=False, env=ENV)
+    proc = cli(
+        "sample", "--dataset", DATASET, "--model", MODEL, cwd=tmp_path, check=False, env=ONE_THREAD_ENV
+    )
     assert proc.returncode == 2 and "vmddpm train" in proc.stderr
 
 
@@ -106,5 +99,5 @@ def test_sample_cli(trained, cli, tmp_path: Path) -> None:
     args = ["sample", "--dataset", DATASET, "--model", MODEL, "--out", str(tmp_path / "cli")]
     for item in trained_overrides():
         args += ["--set", item]
-    cli(*args, cwd=tmp_path, env=ENV)
+    cli(*args, cwd=tmp_path, env=ONE_THREAD_ENV)
     assert pngs(tmp_path / "cli") == pngs(sample(trained, DATASET, MODEL))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY
-from tests.test_train import DATASET, ENV, MODEL, write_prepared
+from tests.conftest import ONE_THREAD_ENV, TINY
+from tests.test_train import DATASET, MODEL, write_prepared
 from vmddpm.tracking import NullRun, resolve_uri, retry, start_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +53,38 @@ def test_one_run_per_invocation(tmp_path: Path, cli) -> None:
         "sample.steps=4",
         "sample.n_images=4",
     )
-    cli("train", "--dataset", DATASET, "--model", MODEL, *params, *train_sets, cwd=elsewhere, env=ENV)
-    cli("sample", "--dataset", DATASET, "--model", MODEL, *params, *train_sets, cwd=elsewhere, env=ENV)
     cli(
-        "train", "--dataset", DATASET, "--model", MODEL, *params, *train_sets, cwd=elsewhere, env=ENV
+        "train",
+        "--dataset",
+        DATASET,
+        "--model",
+        MODEL,
+        *params,
+        *train_sets,
+        cwd=elsewhere,
+        env=ONE_THREAD_ENV,
+    )
+    cli(
+        "sample",
+        "--dataset",
+        DATASET,
+        "--model",
+        MODEL,
+        *params,
+        *train_sets,
+        cwd=elsewhere,
+        env=ONE_THREAD_ENV,
+    )
+    cli(
+        "train",
+        "--dataset",
+        DATASET,
+        "--model",
+        MODEL,
+        *params,
+        *train_sets,
+        cwd=elsewhere,
+        env=ONE_THREAD_ENV,
     )  # no-op
     db = project / "mlflow.db"
     assert db.is_file() and not (elsewhere / "mlflow.db").exists()
@@ -109,7 +137,7 @@ def test_four_parallel_train_processes_lose_no_run(tmp_path: Path) -> None:
             subprocess.Popen(
                 [sys.executable, "-m", "vmddpm", *args],
                 cwd=project,
-                env={**os.environ, **ENV},
+                env={**os.environ, **ONE_THREAD_ENV},
                 stderr=subprocess.PIPE,
                 text=True,
             )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import TINY
+from tests.conftest import ONE_THREAD_ENV, TINY, kill_and_resume
 from vmddpm.checkpoint import (
     capture_rng_state,
     latest_checkpoint,
@@ -28,8 +27,7 @@ from vmddpm.errors import UserError
 from vmddpm.train import EpochSampler, state_hash, train
 
 DATASET, MODEL = "acdc", "vmddpm"
-# one CPU thread: fast on a shared machine, and the same float reduction order in every process
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_prepared(folder: Path, n: int = 12, size: int = 16, n_test: int = 3) -> Path:
@@ -73,17 +71,6 @@ def cli_args(*extra: str) -> list[str]:
 def weights_hash(path: Path) -> tuple[str, str]:
     state = torch.load(path, weights_only=True)
     return state_hash(state["model"]), state_hash(state["ema"])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    for k, v in ENV.items():
-        monkeypatch.setenv(k, v)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(False)
 
 
 # ------------------------------------------------------------------------------------- acceptance
@@ -131,37 +118,15 @@ def test_finished_run_is_a_noop_and_extends(make_cfg) -> None:
     assert full["config"]["train"]["steps"] == 6 and full["sampler"]["world"] == 1
 
 
-def test_sigkill_and_resume_is_bit_identical(tmp_path: Path, cli) -> None:
+def test_sigkill_and_resume_is_bit_identical(tmp_path: Path) -> None:
     steps = ("train.steps=20", "train.checkpoint_every=4", "train.deterministic=true", "train.log_every=4")
-    roots = {}
-    for name in ("straight", "killed"):
-        root = tmp_path / name
-        root.mkdir()
-        (root / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
-        write_prepared(root / "data" / "prepared" / DATASET)
-        roots[name] = root
-    cli(*cli_args(*steps), cwd=roots["straight"], env=ENV)
-
-    train_dir = roots["killed"] / "runs" / DATASET / MODEL / "train"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vmddpm", *cli_args(*steps)],
-        cwd=roots["killed"],
-        env={**os.environ, **ENV},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    straight, train_dir = kill_and_resume(
+        tmp_path,
+        cli_args(*steps),
+        lambda root: write_prepared(root / "data" / "prepared" / DATASET),
+        f"runs/{DATASET}/{MODEL}/train",
+        max_step=20,
     )
-    deadline = time.time() + 300
-    while not (train_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (train_dir / "model.pt").exists()
-    killed_at = load_checkpoint(train_dir / "last.pt")["step"]
-    assert 0 < killed_at < 20
-    cli(*cli_args(*steps), cwd=roots["killed"], env=ENV)
-
-    straight = roots["straight"] / "runs" / DATASET / MODEL / "train"
     assert weights_hash(train_dir / "model.pt") == weights_hash(straight / "model.pt")
     a, b = load_checkpoint(train_dir / "last.pt"), load_checkpoint(straight / "last.pt")
     assert a["history"] == [] or [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
@@ -195,7 +160,7 @@ def test_torchrun_two_ranks_hold_identical_weights(tmp_path: Path) -> None:
         *cli_args("train.steps=20", "train.checkpoint_every=10", "train.log_every=5"),
     ]
     proc = subprocess.run(
-        cmd, cwd=tmp_path, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600
+        cmd, cwd=tmp_path, env={**os.environ, **ONE_THREAD_ENV}, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(tmp_path / "runs" / DATASET / MODEL / "train" / "model.pt", weights_only=True)
@@ -213,7 +178,7 @@ def test_empty_dataset_dir_is_a_user_error(make_cfg, cli, tmp_path: Path) -> Non
     cfg.prepared_dir(DATASET).mkdir(parents=True)
     with pytest.raises(UserError, match=r"prepared.*vmddpm prepare"):
         train(cfg, DATASET, MODEL)
-    proc = cli(*cli_args(), cwd=tmp_path, check=False, env=ENV)
+    proc = cli(*cli_args(), cwd=tmp_path, check=False, env=ONE_THREAD_ENV)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(cfg.prepared_dir(DATASET)) in lines[0] and "vmddpm prepare" in lines[0]

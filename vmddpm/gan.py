@@ -23,8 +23,6 @@ step, penalty `gp_weight * (||grad D(x_hat)|| - 1)^2` on random interpolates.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import time
@@ -39,10 +37,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vmddpm import __version__
-from vmddpm.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from vmddpm.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
 from vmddpm.config import Config
 from vmddpm.errors import UserError
-from vmddpm.io import write_text
 from vmddpm.tracking import start_run
 from vmddpm.train import (
     FINAL,
@@ -50,22 +47,19 @@ from vmddpm.train import (
     LAST,
     EpochSampler,
     _batch_images,
+    already_trained,
+    close_run,
     load_dataset,
     resolve_device,
+    resume,
     set_determinism,
+    update_ema,
+    write_history,
 )
 
 log = logging.getLogger(__name__)
 
-HISTORY_FIELDS = ["step", "loss", "loss_g", "loss_d", "lr", "images_per_s"]
-
-
-def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
-    w.writeheader()
-    w.writerows(rows)
-    write_text(path, buf.getvalue())
+HISTORY_FIELDS = ("step", "loss", "loss_g", "loss_d", "lr", "images_per_s")
 
 
 def gradient_penalty(
@@ -86,11 +80,8 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
     out = cfg.train_dir(dataset, model)
     signature = model_signature(cfg, model)
     final = out / FINAL
-    if final.is_file():
-        done = load_checkpoint(final, expect=signature)
-        if int(done["step"]) >= cfg.train.steps:
-            log.info("%s: already trained to step %d; nothing to do", final, int(done["step"]))
-            return out
+    if already_trained(final, signature, cfg.train.steps):
+        return out
 
     tc, gc = cfg.train, cfg.baselines.gan
     device = resolve_device(tc.device)
@@ -109,17 +100,9 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
 
     step, history = 0, []
     last = out / LAST
-    if last.is_file():
-        state = load_checkpoint(last, expect=signature)
-        gnet.load_state_dict(state["model"])
-        dnet.load_state_dict(state["discriminator"])
-        ema.load_state_dict(state["ema"])
-        opt_g.load_state_dict(state["optimizer"])
-        opt_d.load_state_dict(state["optimizer_d"])
-        step = int(state["step"])
-        history = [dict(r) for r in state.get("history", [])]
-        restore_rng_state(state["rng"])
-        noise_gen.set_state(state["noise_rng"][0])
+    parts = {"model": gnet, "discriminator": dnet, "ema": ema, "optimizer": opt_g, "optimizer_d": opt_d}
+    if (state := resume(last, signature, parts, noise_gen)) is not None:
+        step, history = int(state["step"]), [dict(r) for r in state.get("history", [])]
         log.info("resuming %s from step %d", last, step)
 
     per_step = tc.batch_size * n_critic  # every critic step draws a fresh real batch
@@ -153,7 +136,7 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
 
     def checkpoint() -> None:
         save_checkpoint(last, full_state())
-        _write_history(out / HISTORY, history)
+        write_history(out / HISTORY, history, HISTORY_FIELDS)
 
     def finish() -> Path:
         checkpoint()
@@ -218,14 +201,7 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
             loss_g.backward()
             opt_g.step()
             step += 1
-            with torch.no_grad():
-                if step <= tc.ema_warmup_steps:
-                    for pe, p in zip(
-                        ema.module.state_dict().values(), gnet.state_dict().values(), strict=True
-                    ):
-                        pe.copy_(p)
-                else:
-                    ema.update_parameters(gnet)
+            update_ema(ema, gnet, step, tc.ema_warmup_steps)
             lg, ld = float(loss_g.detach()), float(loss_d.detach())
             if not (math.isfinite(lg) and math.isfinite(ld)):
                 raise UserError(
@@ -245,10 +221,7 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
                 checkpoint()
         bar.close()
         path = finish()
-        run.set_tags({"checkpoint": str(path)})
-        run.log_artifact(out / HISTORY)
-        write_text(out / "checkpoint.txt", f"{path}\n")
-        run.log_artifact(out / "checkpoint.txt")
+        close_run(run, out, path)
     return out
 
 

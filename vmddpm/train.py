@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,13 +169,62 @@ def make_grid_png(images: torch.Tensor, path: Path) -> Path:
     return write_png_grid(path, arr[:, 0].numpy())
 
 
-def write_history(path: Path, rows: list[dict[str, float]]) -> None:
+HISTORY_FIELDS = ("step", "loss", "lr", "images_per_s")
+
+
+def write_history(path: Path, rows: list[dict[str, float]], fields: Sequence[str] = HISTORY_FIELDS) -> None:
+    """history.csv, atomically: one row per logged step (`loss` is what the run minimises)."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["step", "loss", "lr", "images_per_s"])
+    w = csv.DictWriter(buf, fieldnames=list(fields))
     w.writeheader()
-    for r in rows:
-        w.writerow(r)
+    w.writerows(rows)
     write_text(path, buf.getvalue())
+
+
+def already_trained(final: Path, signature: dict[str, Any], steps: int) -> bool:
+    """True when `model.pt` exists for this very model (signature checked) at >= `steps`: a rerun of
+    `vmddpm train` is then a no-op."""
+    if not final.is_file():
+        return False
+    done = int(load_checkpoint(final, expect=signature)["step"])
+    if done >= steps:
+        log.info("%s: already trained to step %d; nothing to do", final, done)
+        return True
+    return False
+
+
+@torch.no_grad()
+def update_ema(ema: AveragedModel, net: nn.Module, step: int, warmup_steps: int) -> None:
+    """EMA step; during `train.ema_warmup_steps` the EMA copies the weights exactly instead."""
+    if step <= warmup_steps:
+        for pe, p in zip(ema.module.state_dict().values(), net.state_dict().values(), strict=True):
+            pe.copy_(p)
+    else:
+        ema.update_parameters(net)
+
+
+def resume(
+    last: Path, signature: dict[str, Any], parts: dict[str, Any], noise_gen: torch.Generator, rank: int = 0
+) -> dict[str, Any] | None:
+    """Load `last.pt` (when it exists) into `parts` (checkpoint key -> object with load_state_dict),
+    the global RNGs and this rank's noise generator; returns the checkpoint, or None for a fresh run."""
+    if not last.is_file():
+        return None
+    state = load_checkpoint(last, expect=signature)
+    for key, obj in parts.items():
+        obj.load_state_dict(state[key])
+    restore_rng_state(state["rng"])
+    gens = state["noise_rng"]
+    noise_gen.set_state(gens[rank] if rank < len(gens) else gens[0])
+    return state
+
+
+def close_run(run: Any, out: Path, final: Path) -> None:
+    """The end of every train run: tag the final checkpoint, attach the history and its path."""
+    run.set_tags({"checkpoint": str(final)})
+    run.log_artifact(out / HISTORY)
+    write_text(out / "checkpoint.txt", f"{final}\n")
+    run.log_artifact(out / "checkpoint.txt")
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -191,12 +240,8 @@ def train(cfg: Config, dataset: str, model: str) -> Path:
 
     out = cfg.train_dir(dataset, model)
     signature = model_signature(cfg, model)
-    final = out / FINAL
-    if final.is_file():
-        done = load_checkpoint(final, expect=signature)
-        if int(done["step"]) >= cfg.train.steps:
-            log.info("%s: already trained to step %d; nothing to do", final, int(done["step"]))
-            return out
+    if already_trained(out / FINAL, signature, cfg.train.steps):
+        return out
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -247,18 +292,9 @@ def _train(
 
     step, history = 0, []
     last = out / LAST
-    if last.is_file():
-        state = load_checkpoint(last, expect=signature)
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["lr_scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        history = [dict(r) for r in state.get("history", [])]
-        restore_rng_state(state["rng"])
-        gens = state["noise_rng"]
-        noise_gen.set_state(gens[rank] if rank < len(gens) else gens[0])
+    parts = {"model": net, "ema": ema, "optimizer": opt, "lr_scheduler": sched, "scaler": scaler}
+    if (state := resume(last, signature, parts, noise_gen, rank)) is not None:
+        step, history = int(state["step"]), [dict(r) for r in state.get("history", [])]
         if state["sampler"]["world"] != world and main:
             log.warning(
                 "%s: resumed with %d ranks, written with %d; data order differs",
@@ -366,14 +402,7 @@ def _train(
             lr = sched.get_last_lr()[0]
             sched.step()
             step += 1
-            with torch.no_grad():
-                if step <= tc.ema_warmup_steps:
-                    for pe, p in zip(
-                        ema.module.state_dict().values(), net.state_dict().values(), strict=True
-                    ):
-                        pe.copy_(p)
-                else:
-                    ema.update_parameters(net)
+            update_ema(ema, net, step, tc.ema_warmup_steps)
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.steps:
                 loss_mean = loss_sum
@@ -398,10 +427,7 @@ def _train(
         bar.close()
         path = _finish(step, history, **ckpt_ctx)
         if main:
-            run.set_tags({"checkpoint": str(path)})
-            run.log_artifact(out / HISTORY)
-            write_text(out / "checkpoint.txt", f"{path}\n")
-            run.log_artifact(out / "checkpoint.txt")
+            close_run(run, out, path)
     return out
 
 
