@@ -53,39 +53,9 @@ def test_one_run_per_invocation(tmp_path: Path, cli) -> None:
         "sample.steps=4",
         "sample.n_images=4",
     )
-    cli(
-        "train",
-        "--dataset",
-        DATASET,
-        "--model",
-        MODEL,
-        *params,
-        *train_sets,
-        cwd=elsewhere,
-        env=ONE_THREAD_ENV,
-    )
-    cli(
-        "sample",
-        "--dataset",
-        DATASET,
-        "--model",
-        MODEL,
-        *params,
-        *train_sets,
-        cwd=elsewhere,
-        env=ONE_THREAD_ENV,
-    )
-    cli(
-        "train",
-        "--dataset",
-        DATASET,
-        "--model",
-        MODEL,
-        *params,
-        *train_sets,
-        cwd=elsewhere,
-        env=ONE_THREAD_ENV,
-    )  # no-op
+    job = ("--dataset", DATASET, "--model", MODEL, *params, *train_sets)
+    for stage in ("train", "sample", "train"):  # the second train is a no-op
+        cli(stage, *job, cwd=elsewhere, env=ONE_THREAD_ENV)
     db = project / "mlflow.db"
     assert db.is_file() and not (elsewhere / "mlflow.db").exists()
 
