@@ -54,6 +54,13 @@ format: $(STAMP)
 test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
+# Each writes JSON (+ a figure) to results/benchmarks/; run on a quiet machine (about an hour on 2
+# cores, most of it attention at 256^2 in bench_scaling and the 1000-step DDPM runs). bench_demo runs
+# the whole demo DAG on a fresh copy.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scan.py
-	$(BIN)/python benchmarks/bench_scaling.py
+	$(BIN)/python benchmarks/bench_scaling.py --threads 2
+	$(BIN)/python benchmarks/bench_models.py
+	$(BIN)/python benchmarks/bench_sampling.py
+	$(BIN)/python benchmarks/bench_prepare.py
+	$(BIN)/python benchmarks/bench_demo.py --cores 2

@@ -1,122 +1,275 @@
-"""Train-step time and peak memory of every preset at 64² and 128² (demo widths), side by side.
+"""Train-step time and peak memory of every preset at 64^2 and 128^2 (demo widths), side by side.
 
-Why one subprocess per (model, size): peak RSS (ru_maxrss) cannot be reset inside a process, so each
-measurement gets a fresh interpreter; on CUDA, torch's peak-allocated counter is used instead.
-Writes results/benchmarks/models.json and models.png.
+Every preset of params.yaml `presets:` (the matrix's models plus `vmddpm_attention`) is built at the
+widths of `--scale` (default demo: the narrow networks of `scales.demo`) and trained for a few steps
+on random data at each of `--sizes`, batch `train.batch_size` of that scale (`--batch` to change):
+
+- diffusion families (vmunet, unet_attn, dit): forward, MSE to the noise, backward, AdamW step;
+- gan family (dcgan, wgan_gp): one discriminator update (wgan_gp: with its gradient penalty) and one
+  generator update, Adam with `baselines.gan` lr/betas, as in `vmddpm.gan` (which, for wgan_gp, does
+  `n_critic` discriminator updates per generator update: not included here).
+
+The measurement is `benchmarks/_measure.py`, shared with `bench_scaling.py`: each (model, size) in
+a fresh process at a fixed `--threads`; time = median of `--repeats` timed steps after `--warmup`
+(fewer once a point's steps exceed `--budget-s`); memory = peak resident set during the steps minus
+the resident set before them on CPU (VmHWM reset first; numba's S6 kernels loaded before), CUDA
+max_memory_allocated minus allocated before them on a GPU: the memory a training step needs, not
+the interpreter, torch and the weights.
+
+Writes `results/benchmarks/models.json` and `results/benchmarks/models.png` (two panels: step time,
+peak memory; log scale) atomically. Run from the repository root:
+    .venv/bin/python benchmarks/bench_models.py
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
-import time
+import dataclasses
+import logging
 from pathlib import Path
+from typing import Any
 
-import torch
+from _measure import (
+    command_line,
+    denoiser_step,
+    loadavg,
+    machine_info,
+    measure_steps,
+    method_record,
+    prime_jit,
+    run_point,
+    set_threads,
+)
 
+log = logging.getLogger("bench_models")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one(name: str, size: int, repeats: int) -> dict:
-    """Median wall time of a full train step (forward, loss, backward, optimizer) of preset `name`."""
+def _gan_step(g: Any, d: Any, gan_loss: str, gc: Any, batch: int, size: int, device: str) -> Any:
+    """One discriminator update and one generator update of a GAN preset, as `vmddpm.gan` trains."""
+    import torch
+
+    from vmddpm.gan import discriminator_loss, generator_loss
+
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    real = (torch.rand(batch, 1, size, size, generator=gen) * 2 - 1).to(dev)
+    z = torch.randn(batch, gc.z_dim, generator=gen).to(dev)
+    betas = (gc.betas[0], gc.betas[1])
+    opt_g = torch.optim.Adam(g.parameters(), lr=gc.lr, betas=betas)
+    opt_d = torch.optim.Adam(d.parameters(), lr=gc.lr, betas=betas)
+    wgan = gan_loss == "wgan_gp"
+
+    def step() -> None:
+        with torch.no_grad():
+            fake = g(z)
+        loss_d = discriminator_loss(d, real, fake, wgan, gc.gp_weight, gen)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        loss_g = generator_loss(d(g(z)), wgan)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+def _point(
+    params: str,
+    scale: str,
+    overrides: list[str],
+    name: str,
+    size: int,
+    batch: int,
+    warmup: int,
+    repeats: int,
+    budget_s: float,
+    device: str,
+    threads: int,
+) -> dict[str, Any]:
+    """One (model, size) point; `_measure.run_point` runs it in its own process."""
+    set_threads(threads)
+    import torch
+
     from vmddpm.config import load_config
     from vmddpm.nn import registry
 
-    cfg = load_config(ROOT / "params.yaml", scale="demo")
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bs = cfg.train.batch_size
-    x = torch.randn(bs, 1, size, size, device=dev)
-    if cfg.preset(name).family == "gan":
-        g, d = (m.to(dev) for m in registry.build_gan(cfg, name, size))
-        params = list(g.parameters()) + list(d.parameters())
-        z = torch.randn(bs, cfg.baselines.gan.z_dim, device=dev)
-
-        def step() -> torch.Tensor:
-            return d(g(z)).mean() - d(x).mean()
+    cfg = load_config(params, scale=scale, overrides=overrides)
+    preset = cfg.preset(name)
+    torch.manual_seed(0)
+    extra: dict[str, Any] = {}
+    if preset.family == "gan":
+        g, d = (m.to(device) for m in registry.build_gan(cfg, name, size))
+        step = _gan_step(g, d, preset.gan_loss or "bce", cfg.baselines.gan, batch, size, device)
+        n_g, n_d = registry.count_parameters(g), registry.count_parameters(d)
+        extra = {"params": n_g + n_d, "params_generator": n_g, "params_discriminator": n_d}
     else:
-        net = registry.build_model(cfg, name, size).to(dev)
-        params = list(net.parameters())
-        t = torch.randint(0, cfg.diffusion.timesteps, (bs,), device=dev)
-
-        def step() -> torch.Tensor:
-            return torch.nn.functional.mse_loss(net(x, t), x)
-
-    opt = torch.optim.Adam(params, lr=1e-4)
-    times = []
-    for i in range(repeats + 1):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        step().backward()
-        opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if i:  # first step is warm-up
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if dev.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
-    return {
-        "model": name,
-        "image_size": size,
-        "batch_size": bs,
-        "params": sum(p.numel() for p in params),
-        "step_s": times[len(times) // 2],
-        "peak_mem_mb": peak,
-        "peak_mem_kind": "cuda_max_allocated" if dev.type == "cuda" else "process_max_rss",
-        "device": str(dev),
-    }
+        net = registry.build_model(cfg, name, size).to(device)
+        if preset.family == "vmunet":
+            extra["scan_backend"] = net.resolved_scan_backend(torch.device(device))
+            prime_jit(net, device)
+        step = denoiser_step(net, batch, size, device, timesteps=cfg.diffusion.timesteps)
+        extra["params"] = registry.count_parameters(net)
+    return {**extra, **measure_steps(step, device, warmup, repeats, budget_s)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--one", nargs=2, metavar=("MODEL", "SIZE"))
-    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks" / "models.json")
-    args = ap.parse_args()
-    if args.one:
-        print(json.dumps(one(args.one[0], int(args.one[1]), args.repeats)))
-        return
-    from vmddpm.config import load_config
-    from vmddpm.io import write_json
-
-    cfg = load_config(ROOT / "params.yaml", scale="demo")
-    rows = []
-    for size in args.sizes:
-        for name in cfg.presets:
-            cmd = [sys.executable, __file__, "--one", name, str(size), "--repeats", str(args.repeats)]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
-    write_json(args.out, {"scale": "demo", "torch": torch.__version__, "rows": rows})
+def plot(rows: list[dict[str, Any]], names: list[str], sizes: list[int], title: str, path: Path) -> None:
+    """Two panels (step time, peak memory), one bar per (model, size), log scale, values on the bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = list(cfg.presets)
-    w = 0.8 / len(args.sizes)
-    for k, size in enumerate(args.sizes):
-        r = {row["model"]: row for row in rows if row["image_size"] == size}
-        xs = [i + k * w for i in range(len(names))]
-        axes[0].bar(xs, [r[n]["step_s"] for n in names], w, label=f"{size}²")
-        axes[1].bar(xs, [r[n]["peak_mem_mb"] for n in names], w, label=f"{size}²")
-    for ax, title in zip(axes, ["train step (s)", "peak memory (MiB)"], strict=True):
-        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(names))], names, rotation=60, ha="right")
-        ax.set_title(title + " — demo widths")
-        ax.legend()
+    from vmddpm.io import atomic_path
+
+    fig, axes = plt.subplots(2, 1, figsize=(11, 8.5), sharex=True)
+    w = 0.8 / len(sizes)
+    panels = (
+        ("step_s_median", "train step time (s)", "{:.3g}"),
+        ("peak_mem_mb", "peak memory (MiB)", "{:.0f}"),
+    )
+    for ax, (key, label, fmt) in zip(axes, panels, strict=True):
+        for k, size in enumerate(sizes):
+            by = {r["model"]: r for r in rows if r["image_size"] == size}
+            legend = f"{size}×{size}"
+            for i, name in enumerate(names):
+                x = i - 0.4 + w * (k + 0.5)
+                r = by.get(name, {})
+                v = r.get(key)
+                if v is None or v <= 0:
+                    ax.text(
+                        x,
+                        0.02,
+                        "failed" if "error" in r else "n/a",
+                        transform=ax.get_xaxis_transform(),
+                        ha="center",
+                        va="bottom",
+                        rotation=90,
+                        fontsize=7,
+                        color="red",
+                    )
+                    continue
+                ax.bar(x, v, w, color=f"C{k}", label=legend)
+                legend = None  # one legend entry per size
+                ax.text(x, v * 1.08, fmt.format(v), ha="center", va="bottom", rotation=90, fontsize=7)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_ylabel(label)
+        ymin, ymax = ax.get_ylim()
+        ax.set_ylim(ymin, ymax * 4)  # room for the value labels
+        ax.grid(axis="y", which="major", alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+    axes[1].set_xticks(range(len(names)), names, rotation=35, ha="right")
+    axes[0].set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("--scale", default="demo", help="widths and batch of this scale")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--models", nargs="+", default=None, help="default: every preset of params.yaml")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--batch", type=int, default=0, help="0 = train.batch_size of the scale")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=120.0, help="stop timing a point after this long")
+    parser.add_argument("--timeout-s", type=float, default=1800.0, help="give up on a point after this long")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+    parser.add_argument("--threads", type=int, default=2, help="torch (and numba) CPU threads")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: <paths.results>/benchmarks/models.json"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    from vmddpm.config import DEMO_LABEL, load_config
+    from vmddpm.io import write_json
+
+    cfg = load_config(args.params, scale=args.scale, overrides=args.overrides)
+    names = args.models or list(cfg.presets)
+    for name in names:
+        cfg.preset(name)  # unknown names: a one-line error with the nearest preset, before any work
+    batch = args.batch or cfg.train.batch_size
+    out = args.out or cfg.results_dir("benchmarks", "models.json")
+    load_before = loadavg()
+    rows = []
+    for size in args.sizes:
+        for name in names:
+            family = cfg.preset(name).family
+            kwargs = dict(
+                params=args.params,
+                scale=args.scale,
+                overrides=args.overrides,
+                name=name,
+                size=size,
+                batch=batch,
+                warmup=args.warmup,
+                repeats=args.repeats,
+                budget_s=args.budget_s,
+                device=args.device,
+                threads=args.threads,
+            )
+            log.info("measuring %s at %d^2 ...", name, size)
+            label = {"model": name, "family": family, "image_size": size, "batch": batch}
+            row = run_point(_point, kwargs, args.timeout_s, label)
+            log.info("  %s", {k: v for k, v in row.items() if k not in ("step_s_all", "mem_method")})
+            rows.append(row)
+
+    result = {
+        "benchmark": "train-step time and peak memory of every preset, side by side",
+        "scale": cfg.scale,
+        "command": command_line(),
+        "method": method_record(
+            "diffusion families: forward + MSE to the noise + backward + AdamW step on random data; "
+            "gan: one discriminator update (wgan_gp with gradient penalty) + one generator update "
+            "(training does baselines.gan.n_critic discriminator updates per generator update for wgan_gp)",
+            args.warmup,
+            args.repeats,
+            args.budget_s,
+            args.timeout_s,
+            args.device,
+        ),
+        "sizes": args.sizes,
+        "batch": batch,
+        "widths": {
+            "model": dataclasses.asdict(cfg.model),
+            "baselines": dataclasses.asdict(cfg.baselines),
+            "presets": {n: dataclasses.asdict(cfg.preset(n)) for n in names},
+        },
+        "machine": {**machine_info(args.threads, args.device), "loadavg_before": load_before},
+        "rows": rows,
+    }
+    result["machine"]["loadavg_after"] = loadavg()
+    write_json(out, result)
+    where = f"{args.device}, {args.threads} threads" if args.device == "cpu" else args.device
+    title = (
+        f"Train step of every preset at {cfg.scale} widths, batch {batch} ({where}); "
+        f"{DEMO_LABEL if cfg.scale == 'demo' else cfg.scale}"
+    )
+    plot(rows, names, args.sizes, title, out.with_suffix(".png"))
+    log.info("wrote %s and %s", out, out.with_suffix(".png"))
+    for r in rows:
+        log.info(
+            "%-20s %4d^2 %9s params  %s",
+            r["model"],
+            r["image_size"],
+            f"{r['params']:,}" if "params" in r else "?",
+            f"{r['step_s_median']:.3f} s/step  {r['peak_mem_mb']:.0f} MiB"
+            if "error" not in r
+            else r["error"],
+        )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -7,9 +7,15 @@ per-image seeds, the same fixed call batch (`vmddpm.diffusion.Diffusion.sample`)
 the trained EMA weights of `runs/<dataset>/<model>/train/model.pt` when it exists, otherwise a
 seeded random initialisation (wall-clock does not depend on the weight values).
 
-Method: one untimed warm-up call of the network, then the median of `--repeats` timed DDIM runs and
-one timed DDPM run (1000 steps dominate the total). ratio = DDPM time / DDIM time; the ideal is
-1000 / 50 = 20 (the scheduler's own work per step is the overhead that keeps it below).
+Method: one untimed warm-up call of the network (numba compiles the scan kernel there), then
+`--repeats` timed DDIM runs interleaved with `--ddpm-repeats` timed DDPM runs (DDIM, DDPM, DDIM,
+DDPM, DDIM by default), in one process at a fixed `--threads`: on a shared machine the speed drifts
+by tens of percent over minutes, and interleaving spreads that drift over both samplers instead of
+biasing the ratio one way. ratio = median DDPM time / median DDIM time (`ratio_min`: the same from
+the fastest runs); the ideal is 1000 / 50 = 20 (the scheduler's own work per step keeps it below;
+a ratio above 20 means the machine's speed changed between runs). The JSON records the load
+average before and after, the thread count, cpu_count and each run's CPU seconds per wall second
+(about the thread count when the process had the cores to itself).
 
 Writes `results/benchmarks/sampling.json` atomically. Run from the repository root:
     .venv/bin/python benchmarks/bench_sampling.py
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -46,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--ddpm-steps", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3, help="timed DDIM runs (median)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--ddpm-repeats", type=int, default=2, help="timed DDPM runs (median)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (0 = torch default)")
     p.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "sampling.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -62,30 +70,52 @@ def main(argv: list[str] | None = None) -> int:
     final = cfg.train_dir(args.dataset, args.model) / "model.pt"
     if final.is_file():
         from vmddpm.checkpoint import load_checkpoint
+        from vmddpm.errors import UserError
         from vmddpm.nn.registry import model_signature
 
-        net.load_state_dict(load_checkpoint(final, expect=model_signature(cfg, args.model))["ema"])
-        weights = str(final.relative_to(cfg.root))
+        try:  # a stale checkpoint (another architecture) must not stop a wall-clock benchmark
+            state = load_checkpoint(final, expect=model_signature(cfg, args.model))
+            net.load_state_dict(state["ema"])
+            weights = str(final.relative_to(cfg.root))
+        except UserError as e:
+            log.warning("using random weights: %s", e)
+            weights = f"random-init ({final.relative_to(cfg.root)} does not match: stale checkpoint)"
     net = net.eval()
     size = cfg.data.image_size
     diffusion = Diffusion(cfg.diffusion)
     seeds = list(range(args.images))
 
+    cpu_share: dict[str, list[float]] = {"ddim": [], "ddpm": []}
+
     def run(sampler: str, steps: int) -> float:
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         diffusion.sample(
             net, (1, size, size), seeds, sampler, steps, 0.0, device="cpu", batch_size=args.images
         )
-        return time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        cpu_share[sampler].append((time.process_time() - c0) / wall)
+        return wall
 
+    load_before = os.getloadavg()
     with torch.no_grad():
         net(torch.zeros(args.images, 1, size, size), torch.zeros(args.images, dtype=torch.long))
-    ddim = [run("ddim", args.ddim_steps) for _ in range(args.repeats)]
-    log.info("DDIM-%d: %s s", args.ddim_steps, ", ".join(f"{t:.2f}" for t in ddim))
-    ddpm = run("ddpm", args.ddpm_steps)
-    log.info("DDPM-%d: %.2f s", args.ddpm_steps, ddpm)
+    # the DDIM runs spread as evenly as possible over the gaps before, between and after the DDPM runs
+    gaps = args.ddpm_repeats + 1
+    per_gap = [args.repeats // gaps + (i < args.repeats % gaps) for i in range(gaps)]
+    order: list[str] = []
+    for i, n in enumerate(per_gap):
+        order += ["ddim"] * n + (["ddpm"] if i < args.ddpm_repeats else [])
+    times: dict[str, list[float]] = {"ddim": [], "ddpm": []}
+    for sampler in order:
+        steps = args.ddim_steps if sampler == "ddim" else args.ddpm_steps
+        times[sampler].append(run(sampler, steps))
+        log.info("%s-%d: %.2f s", sampler.upper(), steps, times[sampler][-1])
+    ddim, ddpm_all = times["ddim"], times["ddpm"]
+    ddpm = statistics.median(ddpm_all)
+    load_after = os.getloadavg()
     ddim_s = statistics.median(ddim)
     ratio = ddpm / ddim_s
+    ratio_min = min(ddpm_all) / min(ddim)
     backend = getattr(net, "resolved_scan_backend", lambda d: "none")(torch.device("cpu"))
     result = {
         "benchmark": "sampling wall-clock, DDIM vs DDPM",
@@ -100,14 +130,21 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "order": order,
+        "cpu_s_per_wall_s": cpu_share,  # ~threads when the process had the cores to itself
         "ddim_steps": args.ddim_steps,
         "ddpm_steps": args.ddpm_steps,
         "ddim_seconds": ddim,
         "ddim_seconds_median": ddim_s,
-        "ddpm_seconds": ddpm,
+        "ddpm_seconds": ddpm_all,
+        "ddpm_seconds_median": ddpm,
         "ddim_images_per_s": args.images / ddim_s,
         "ddpm_images_per_s": args.images / ddpm,
         "ratio": ratio,
+        "ratio_min": ratio_min,
         "ideal_ratio": args.ddpm_steps / args.ddim_steps,
         "target_ratio": 18.0,
         "meets_target": ratio >= 18.0,

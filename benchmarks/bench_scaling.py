@@ -5,18 +5,24 @@ network with `mixer: csm` (the paper's Cross-Scan Module, S6) and `mixer: attent
 self-attention over the H*W tokens in its place) at `--sizes` (default 64, 128, 256), at a fixed
 small width (the demo architecture of params.yaml unless `--set model.KEY=VALUE`).
 
-Method:
+Method (the measurement is `benchmarks/_measure.py`, shared with `bench_models.py`):
 - time: median wall time of the timed steps after `--warmup` untimed steps (at least `--repeats`
-  steps, fewer only when one step alone exceeds `--budget-s`).
+  steps, fewer only when the steps so far exceed `--budget-s`), at a fixed `--threads`.
 - memory: each (mixer, size) runs in a fresh process. On CUDA: `torch.cuda.max_memory_allocated`
   during the steps minus the allocation before them. On CPU: the process's peak resident set
-  (VmHWM) after the steps minus its resident set right before them: the extra memory a training step
-  needs (activations, gradients, optimizer state), as the OS sees it (tracemalloc does not see
-  torch's allocator).
+  (VmHWM, reset before the steps) minus its resident set right before them: the extra memory a
+  training step needs (activations, gradients, optimizer state), as the OS sees it (tracemalloc
+  does not see torch's allocator). The numba S6 kernels are loaded before that baseline (one tiny
+  forward + backward), so their one-off cost is not counted as the first step's.
 - growth: the 256^2 / 128^2 ratio of each (4x the pixels): linear cost gives ~4x, quadratic ~16x.
+  For the mixers of `--interleave` (csm), `time_ratio_interleaved` is the same ratio from steps of
+  every size timed in rounds in one process, free of the machine's drift between points; beside the
+  wall-time ratios, `user_cpu_ratio` (the compute alone) and the system time
+  of each size (page faults: see `_measure.py`), so a ratio above 4 can be attributed.
 
-Writes `results/benchmarks/scaling.json` and `results/benchmarks/scaling.png` (log-log time vs
-pixels) atomically. Run: `.venv/bin/python benchmarks/bench_scaling.py` from the repository root.
+Writes `results/benchmarks/scaling.json` and `results/benchmarks/scaling.png` (log-log time and
+peak memory vs pixels) atomically. Run from the repository root:
+    .venv/bin/python benchmarks/bench_scaling.py
 """
 
 from __future__ import annotations
@@ -24,28 +30,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import multiprocessing as mp
 import os
-import platform
-import resource
-import statistics
-import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from _measure import (
+    command_line,
+    denoiser_step,
+    interleaved_steps,
+    loadavg,
+    machine_info,
+    measure_steps,
+    method_record,
+    prime_jit,
+    run_point,
+    set_threads,
+)
 
 log = logging.getLogger("bench_scaling")
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _measure(
+def _point(
     arch: dict[str, Any],
     size: int,
     batch: int,
@@ -55,112 +60,116 @@ def _measure(
     device: str,
     threads: int,
 ) -> dict[str, Any]:
-    """One (mixer, size) point; runs in its own process so peak memory belongs to it alone."""
+    """One (mixer, size) point; `_measure.run_point` runs it in its own process."""
+    set_threads(threads)
     import torch
 
     from vmddpm.nn.vmunet import VMUNet
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    dev = torch.device(device)
-    model = VMUNet(**arch).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 1, size, size, device=dev)
-    t = torch.randint(0, 1000, (batch,), device=dev)
-    noise = torch.randn_like(x)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(model(x, t), noise)
-        loss.backward()
-        opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = _rss_kb("VmRSS") * 1024
-    times: list[float] = []
-    for _ in range(warmup + repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-        if sum(times) > budget_s:
-            break
-    timed = times[warmup:] or times[-1:]  # a single very slow step is its own measurement
-    peak = torch.cuda.max_memory_allocated() if cuda else _rss_kb("VmHWM") * 1024
+    model = VMUNet(**arch).to(device)
+    prime_jit(model, device)
+    result = measure_steps(denoiser_step(model, batch, size, device), device, warmup, repeats, budget_s)
     return {
-        "mixer": arch["mixer"],
-        "size": size,
         "pixels": size * size,
         "batch": batch,
-        "step_s_median": statistics.median(timed),
-        "step_s_all": times,
-        "warmup_steps": min(warmup, len(times) - len(timed)),
-        "peak_mem_mb": (peak - base) / 2**20,
+        **result,
         "params": sum(p.numel() for p in model.parameters()),
-        "scan_backend": model.resolved_scan_backend(dev),
+        "scan_backend": model.resolved_scan_backend(torch.device(device)),
     }
 
 
-def _worker(queue: Any, kwargs: dict[str, Any]) -> None:
-    try:
-        queue.put(("ok", _measure(**kwargs)))
-    except Exception as e:  # report, let the parent record it and go on
-        queue.put(("error", f"{type(e).__name__}: {e}"))
+def _interleaved(
+    arch: dict[str, Any],
+    sizes: list[int],
+    batch: int,
+    warmup: int,
+    rounds: int,
+    budget_s: float,
+    device: str,
+    threads: int,
+) -> dict[str, Any]:
+    """Step times of one mixer at every size, timed in rounds in one process (for the ratios)."""
+    set_threads(threads)
+    import torch
+
+    from vmddpm.nn.vmunet import VMUNet
+
+    steps = {}
+    for size in sizes:
+        torch.manual_seed(0)
+        model = VMUNet(**arch).to(device)
+        prime_jit(model, device)
+        steps[str(size)] = denoiser_step(model, batch, size, device)
+    load_before = loadavg()
+    result: dict[str, Any] = {"sizes": interleaved_steps(steps, warmup, rounds, budget_s)}
+    return {**result, "loadavg_before": load_before, "loadavg_after": loadavg()}
 
 
-def run_point(kwargs: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(queue, kwargs))
-    proc.start()
-    try:
-        status, value = queue.get(timeout=timeout_s)
-    except Exception:
-        proc.kill()
-        proc.join()
-        return {
-            "mixer": kwargs["arch"]["mixer"],
-            "size": kwargs["size"],
-            "error": f"timed out after {timeout_s}s",
-        }
-    proc.join()
-    if status != "ok":
-        return {"mixer": kwargs["arch"]["mixer"], "size": kwargs["size"], "error": value}
-    return value
-
-
-def plot(points: list[dict[str, Any]], path: Path) -> None:
+def plot(points: list[dict[str, Any]], path: Path, subtitle: str = "") -> None:
+    """Two log-log panels against pixels: step time and peak memory, CSM vs attention; each legend
+    gives the growth between the two largest sizes; thin lines: linear (dotted) and quadratic
+    (dashed) growth from each series' first point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     from vmddpm.io import atomic_path
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for mixer, marker in (("csm", "o"), ("attention", "s")):
-        pts = sorted(
-            (p for p in points if p["mixer"] == mixer and "error" not in p), key=lambda p: p["pixels"]
-        )
-        if not pts:
-            continue
-        xs, ys = [p["pixels"] for p in pts], [p["step_s_median"] for p in pts]
-        ax.loglog(xs, ys, marker=marker, label=f"{mixer} (measured)")
-        for power, style in ((1, ":"), (2, "--")):
-            ax.loglog(xs, [ys[0] * (x / xs[0]) ** power for x in xs], style, color="grey", lw=0.8)
-    ax.set_xlabel("pixels (H x W)")
-    ax.set_ylabel("train step time (s)")
-    ax.set_title(
-        "VM-DDPM train step: CSM vs attention\n(grey: linear ':' and quadratic '--' from the first point)",
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.4))
+    panels = (
+        ("step_s_median", "train step time (s)", "{:.3g} s"),
+        ("peak_mem_mb", "peak memory (MiB)", "{:.0f}"),
+    )
+    sizes: set[int] = set()
+    for ax, (key, ylabel, fmt) in zip(axes, panels, strict=True):
+        for mixer, marker, color in (("csm", "o", "C0"), ("attention", "s", "C1")):
+            pts = sorted(
+                (p for p in points if p["mixer"] == mixer and (p.get(key) or 0) > 0),
+                key=lambda p: p["pixels"],
+            )
+            if not pts:
+                continue
+            sizes.update(p["size"] for p in pts)
+            xs, ys = [p["pixels"] for p in pts], [p[key] for p in pts]
+            label = mixer
+            if len(pts) > 1:
+                label += f": x{ys[-1] / ys[-2]:.1f} for x{xs[-1] / xs[-2]:.0f} pixels"
+            ax.loglog(xs, ys, marker=marker, color=color, label=label)
+            for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+                last = i == len(xs) - 1  # the last label goes left, inside the axes
+                ax.annotate(
+                    fmt.format(y),
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(-6, 4) if last else (6, -10),
+                    ha="right" if last else "left",
+                    fontsize=7,
+                )
+            for power, style in ((1, ":"), (2, "--")):
+                ref = [ys[0] * (x / xs[0]) ** power for x in xs]
+                ax.loglog(xs, ref, style, color=color, lw=0.8, alpha=0.6)
+            failed = [p["size"] for p in points if p["mixer"] == mixer and "error" in p]
+            if failed:
+                ax.plot([], [], " ", label=f"{mixer} failed at " + ", ".join(f"{s}²" for s in failed))
+        ax.set_xlabel("image size (pixels, log scale)")
+        ax.set_ylabel(ylabel)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.grid(which="major", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    for ax in axes:
+        ticks = sorted(sizes)
+        ax.set_xticks([s * s for s in ticks], [f"{s}²" for s in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    fig.suptitle(
+        "VM-DDPM train step: CSM (S6) vs attention"
+        + (f" ({subtitle})" if subtitle else "")
+        + "\nthin lines from each first point: dotted = linear, dashed = quadratic in pixels",
         fontsize=9,
     )
-    ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -181,6 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=120.0, help="stop timing a point after this long")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="give up on a point after this long")
+    parser.add_argument(
+        "--interleave",
+        nargs="*",
+        default=["csm"],
+        choices=["csm", "attention"],
+        help="mixers whose growth ratios also come from steps of all sizes timed in rounds in one "
+        "process (drift-free); attention at 256^2 takes minutes a step, so not by default",
+    )
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds of --interleave")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
@@ -195,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.params, scale=args.scale, overrides=args.overrides)
     base = dataclasses.asdict(cfg.model_config("vmddpm"))
     out = args.out or cfg.results_dir("benchmarks", "scaling.json")
-    load_before = os.getloadavg()
+    load_before = loadavg()
     points = []
     for mixer in args.mixers:
         for size in args.sizes:
@@ -211,13 +229,30 @@ def main(argv: list[str] | None = None) -> int:
                 threads=args.threads,
             )
             log.info("measuring mixer=%s size=%d ...", mixer, size)
-            p = run_point(kwargs, args.timeout_s)
+            p = run_point(_point, kwargs, args.timeout_s, {"mixer": mixer, "size": size})
             log.info("  %s", {k: v for k, v in p.items() if k != "step_s_all"})
             points.append(p)
+
+    interleaved: dict[str, dict[str, Any]] = {}
+    for mixer in [m for m in args.mixers if m in args.interleave]:
+        log.info("timing mixer=%s at %s in %d interleaved rounds ...", mixer, args.sizes, args.rounds)
+        kwargs = dict(
+            arch={**base, "mixer": mixer},
+            sizes=args.sizes,
+            batch=args.batch,
+            warmup=args.warmup,
+            rounds=args.rounds,
+            budget_s=args.budget_s * len(args.sizes),
+            device=args.device,
+            threads=args.threads,
+        )
+        interleaved[mixer] = run_point(_interleaved, kwargs, args.timeout_s, {"mixer": mixer})
+        log.info("  %s", interleaved[mixer])
 
     growth: dict[str, dict[str, float]] = {}
     for mixer in args.mixers:
         by = {p["size"]: p for p in points if p["mixer"] == mixer and "error" not in p}
+        paired = interleaved.get(mixer, {}).get("sizes", {})
         g = {}
         for a, b in zip(sorted(by), sorted(by)[1:], strict=False):
             g[f"{b}/{a}"] = {
@@ -226,52 +261,65 @@ def main(argv: list[str] | None = None) -> int:
                 "mem_ratio": by[b]["peak_mem_mb"] / by[a]["peak_mem_mb"]
                 if by[a]["peak_mem_mb"] > 0
                 else None,
+                # diagnostics: the compute alone (user CPU) and the kernel's page-fault work (sys)
+                "user_cpu_ratio": by[b]["user_s_median"] / by[a]["user_s_median"],
+                "sys_s": [by[a]["sys_s_median"], by[b]["sys_s_median"]],
             }
+            if str(a) in paired and str(b) in paired:  # the drift-free ratio, from one process
+                pa, pb = paired[str(a)], paired[str(b)]
+                g[f"{b}/{a}"]["time_ratio_interleaved"] = pb["step_s_median"] / pa["step_s_median"]
+                g[f"{b}/{a}"]["user_cpu_ratio_interleaved"] = pb["user_s_median"] / pa["user_s_median"]
         growth[mixer] = g
-    import torch
 
     result = {
         "claim": "C5: cost linear in pixels for CSM (S6), quadratic for attention",
-        "target": "csm time_ratio 256/128 <= 4.4 (linear); attention grows faster (quadratic -> ~16x)",
-        "method": {
-            "step": "forward + backward + AdamW step, MSE loss on random data",
-            "time": f"median of {args.repeats} timed steps after {args.warmup} warm-up step(s); a point "
-            f"stops once its steps exceed {args.budget_s}s in all (then fewer steps, and when only the "
-            "warm-up ran, that one step is the measurement: see warmup_steps and step_s_all)",
-            "memory": "CUDA: max_memory_allocated minus allocated before the steps"
-            if args.device.startswith("cuda")
-            else "CPU: peak RSS (VmHWM) minus RSS before the steps, each point in a fresh process",
-        },
+        "target": "csm 256/128 step-time ratio <= 4.4 (linear; time_ratio_interleaved is the drift-free "
+        "measurement of it); attention grows faster (quadratic -> ~16x)",
+        "method": method_record(
+            "forward + backward + AdamW step, MSE loss on random data",
+            args.warmup,
+            args.repeats,
+            args.budget_s,
+            args.timeout_s,
+            args.device,
+        ),
+        "command": command_line(),
         "architecture": {k: v for k, v in base.items() if k != "mixer"},
         "batch": args.batch,
         "device": args.device,
         "threads": args.threads,
         "machine": {
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "cpu_count": os.cpu_count(),
+            **machine_info(args.threads, args.device),
             "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
+            "loadavg_after": loadavg(),
         },
         "points": points,
+        "interleaved": interleaved,
         "growth": growth,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
-    plot(points, out.with_suffix(".png"))
+    plot(points, out.with_suffix(".png"), _subtitle(args.batch, args.device, args.threads))
     log.info("wrote %s and %s", out, out.with_suffix(".png"))
     for mixer, g in growth.items():
         for k, v in g.items():
             log.info(
-                "%s %s: time x%.2f, memory x%s (pixels x%.0f)",
+                "%s %s: time x%.2f (interleaved x%s; user CPU x%.2f, sys %.2f -> %.2f s), memory x%s "
+                "(pixels x%.0f)",
                 mixer,
                 k,
                 v["time_ratio"],
+                f"{v['time_ratio_interleaved']:.2f}" if "time_ratio_interleaved" in v else "n/a",
+                v["user_cpu_ratio"],
+                *v["sys_s"],
                 f"{v['mem_ratio']:.2f}" if v["mem_ratio"] else "n/a",
                 v["pixels_ratio"],
             )
     return 0
+
+
+def _subtitle(batch: int, device: str, threads: int) -> str:
+    return f"batch {batch}, " + (f"CPU, {threads} threads" if device == "cpu" else device)
 
 
 def _cuda() -> bool:

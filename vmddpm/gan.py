@@ -72,6 +72,29 @@ def gradient_penalty(
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
+def discriminator_loss(
+    dnet: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    wgan: bool,
+    gp_weight: float,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """WGAN-GP critic loss (with the penalty, which draws from `gen`) or the non-saturating DCGAN
+    discriminator loss; one definition for training and for `benchmarks/bench_models.py`."""
+    d_real, d_fake = dnet(real), dnet(fake)
+    if wgan:
+        return d_fake.mean() - d_real.mean() + gp_weight * gradient_penalty(dnet, real, fake, gen)
+    return F.binary_cross_entropy_with_logits(
+        d_real, torch.ones_like(d_real)
+    ) + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+
+
+def generator_loss(score: torch.Tensor, wgan: bool) -> torch.Tensor:
+    """-E[D(G(z))] for WGAN, the non-saturating BCE for DCGAN, from the discriminator's `score`."""
+    return -score.mean() if wgan else F.binary_cross_entropy_with_logits(score, torch.ones_like(score))
+
+
 def train_gan(cfg: Config, dataset: str, model: str) -> Path:
     """Train gan preset `model` on `dataset` (resuming from `last.pt`); returns the train folder."""
     from vmddpm.nn.registry import build_gan, model_signature
@@ -180,23 +203,13 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
                 z = torch.randn(real.shape[0], gc.z_dim, generator=noise_gen).to(device)
                 with torch.no_grad():
                     fake = gnet(z)
-                d_real, d_fake = dnet(real), dnet(fake)
-                if wgan:
-                    loss_d = d_fake.mean() - d_real.mean()
-                    loss_d = loss_d + gc.gp_weight * gradient_penalty(dnet, real, fake, noise_gen)
-                else:
-                    loss_d = F.binary_cross_entropy_with_logits(
-                        d_real, torch.ones_like(d_real)
-                    ) + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+                loss_d = discriminator_loss(dnet, real, fake, wgan, gc.gp_weight, noise_gen)
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
                 n_since += real.shape[0]
             z = torch.randn(tc.batch_size, gc.z_dim, generator=noise_gen).to(device)
-            score = dnet(gnet(z))
-            loss_g = (
-                -score.mean() if wgan else F.binary_cross_entropy_with_logits(score, torch.ones_like(score))
-            )
+            loss_g = generator_loss(dnet(gnet(z)), wgan)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
