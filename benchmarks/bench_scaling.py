@@ -106,10 +106,16 @@ def _interleaved(
     return {**result, "loadavg_before": load_before, "loadavg_after": loadavg()}
 
 
-def plot(points: list[dict[str, Any]], path: Path, subtitle: str = "") -> None:
+def plot(
+    points: list[dict[str, Any]],
+    path: Path,
+    subtitle: str = "",
+    growth: dict[str, dict[str, dict[str, Any]]] | None = None,
+) -> None:
     """Two log-log panels against pixels: step time and peak memory, CSM vs attention; each legend
-    gives the growth between the two largest sizes; thin lines: linear (dotted) and quadratic
-    (dashed) growth from each series' first point."""
+    gives the growth between the two largest sizes (for step time also the interleaved, drift-free
+    ratio where `growth` has one); thin lines: linear (dotted) and quadratic (dashed) growth from
+    each series' first point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,7 +142,10 @@ def plot(points: list[dict[str, Any]], path: Path, subtitle: str = "") -> None:
             xs, ys = [p["pixels"] for p in pts], [p[key] for p in pts]
             label = mixer
             if len(pts) > 1:
-                label += f": x{ys[-1] / ys[-2]:.1f} for x{xs[-1] / xs[-2]:.0f} pixels"
+                label += f": x{ys[-1] / ys[-2]:.2f} for x{xs[-1] / xs[-2]:.0f} pixels"
+                pair = (growth or {}).get(mixer, {}).get(f"{pts[-1]['size']}/{pts[-2]['size']}", {})
+                if key == "step_s_median" and "time_ratio_interleaved" in pair:
+                    label += f" (x{pair['time_ratio_interleaved']:.2f} interleaved)"
             ax.loglog(xs, ys, marker=marker, color=color, label=label)
             for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
                 last = i == len(xs) - 1  # the last label goes left, inside the axes
@@ -299,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
-    plot(points, out.with_suffix(".png"), _subtitle(args.batch, args.device, args.threads))
+    plot(points, out.with_suffix(".png"), _subtitle(args.batch, args.device, args.threads), growth)
     log.info("wrote %s and %s", out, out.with_suffix(".png"))
     for mixer, g in growth.items():
         for k, v in g.items():
