@@ -66,6 +66,20 @@ def test_snakemake_runs_every_stage_and_reports_every_pair(done: Path) -> None:
     assert any((done / "results/figures").glob("*.png"))
 
 
+def test_demo_snapshot_copies_the_reports_outputs(done: Path) -> None:
+    """`make demo-snapshot` is how the committed results/demo/ is refreshed from a run."""
+    wf.run("make", "demo-snapshot", cwd=done)
+    for sub in ("tables", "figures"):
+        made = {
+            p.name: p.read_bytes()
+            for p in (done / "results" / sub).iterdir()
+            if p.name != ".snakemake_timestamp"
+        }
+        copied = {p.name: p.read_bytes() for p in (done / "results/demo" / sub).iterdir()}
+        assert made and copied == made, (sub, sorted(set(made) ^ set(copied)))
+    assert wf.dry_run_jobs(done) == {}  # the snapshot is not an input or output of the pipeline
+
+
 def test_second_run_does_nothing(done: Path) -> None:
     assert wf.dry_run_jobs(done) == {}
 
@@ -114,7 +128,13 @@ def test_dvc_status_clean_and_push_pull_restores(done: Path) -> None:
     clone = done.parent / "clone"
     wf.run("git", "clone", "-q", str(done), str(clone), cwd=done.parent)
     wf.run("dvc", "pull", cwd=clone)
-    tracked = ("data/raw", "data/prepared", *(f"runs/{d}" for d in matrix(done)[0]))
+    tracked = (
+        "data/raw",
+        "data/prepared",
+        *(f"runs/{d}" for d in matrix(done)[0]),
+        "results/tables",
+        "results/figures",
+    )
     restored = files_under(clone, *tracked)
     # data/raw/archives/ holds download's fetched archives: a download cache, not a stage output.
     original = {p for p in files_under(done, *tracked) if not p.startswith("data/raw/archives/")}
