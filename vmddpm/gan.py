@@ -121,11 +121,10 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
     wgan = preset.gan_loss == "wgan_gp"
     n_critic = gc.n_critic if wgan else 1
 
-    step, history = 0, []
     last = out / LAST
     parts = {"model": gnet, "discriminator": dnet, "ema": ema, "optimizer": opt_g, "optimizer_d": opt_d}
-    if (state := resume(last, signature, parts, noise_gen)) is not None:
-        step, history = int(state["step"]), [dict(r) for r in state.get("history", [])]
+    step, history, state = resume(last, signature, parts, noise_gen)
+    if state is not None:
         log.info("resuming %s from step %d", last, step)
 
     per_step = tc.batch_size * n_critic  # every critic step draws a fresh real batch

@@ -164,9 +164,10 @@ def _batch_images(batch: Any) -> torch.Tensor:
 
 
 def make_grid_png(images: torch.Tensor, path: Path) -> Path:
-    """Save images in [-1, 1] as one grayscale PNG grid, atomically."""
-    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return write_png_grid(path, arr[:, 0].numpy())
+    """Save images in [-1, 1] as one grayscale PNG grid, atomically (the samples' uint8 conversion)."""
+    from vmddpm.sample import to_uint8
+
+    return write_png_grid(path, to_uint8(images))
 
 
 HISTORY_FIELDS = ("step", "loss", "lr", "images_per_s")
@@ -205,18 +206,19 @@ def update_ema(ema: AveragedModel, net: nn.Module, step: int, warmup_steps: int)
 
 def resume(
     last: Path, signature: dict[str, Any], parts: dict[str, Any], noise_gen: torch.Generator, rank: int = 0
-) -> dict[str, Any] | None:
+) -> tuple[int, list[dict[str, float]], dict[str, Any] | None]:
     """Load `last.pt` (when it exists) into `parts` (checkpoint key -> object with load_state_dict),
-    the global RNGs and this rank's noise generator; returns the checkpoint, or None for a fresh run."""
+    the global RNGs and this rank's noise generator. Returns (step, history, checkpoint): (0, [],
+    None) for a fresh run."""
     if not last.is_file():
-        return None
+        return 0, [], None
     state = load_checkpoint(last, expect=signature)
     for key, obj in parts.items():
         obj.load_state_dict(state[key])
     restore_rng_state(state["rng"])
     gens = state["noise_rng"]
     noise_gen.set_state(gens[rank] if rank < len(gens) else gens[0])
-    return state
+    return int(state["step"]), [dict(r) for r in state.get("history", [])], state
 
 
 def close_run(run: Any, out: Path, final: Path) -> None:
@@ -290,11 +292,10 @@ def _train(
 
     diffusion = Diffusion(cfg.diffusion)
 
-    step, history = 0, []
     last = out / LAST
     parts = {"model": net, "ema": ema, "optimizer": opt, "lr_scheduler": sched, "scaler": scaler}
-    if (state := resume(last, signature, parts, noise_gen, rank)) is not None:
-        step, history = int(state["step"]), [dict(r) for r in state.get("history", [])]
+    step, history, state = resume(last, signature, parts, noise_gen, rank)
+    if state is not None:
         if state["sampler"]["world"] != world and main:
             log.warning(
                 "%s: resumed with %d ranks, written with %d; data order differs",
