@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _measure import command_line, loadavg, machine_info, set_threads
 
 from vmddpm.config import load_config
 from vmddpm.diffusion import Diffusion
@@ -54,12 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ddpm-steps", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3, help="timed DDIM runs (median)")
     p.add_argument("--ddpm-repeats", type=int, default=2, help="timed DDPM runs (median)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--threads", type=int, default=2, help="torch (and numba) CPU threads")
     p.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "sampling.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     from vmddpm.nn.registry import build_model, count_parameters
 
@@ -96,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_share[sampler].append((time.process_time() - c0) / wall)
         return wall
 
-    load_before = os.getloadavg()
+    load_before = loadavg()
     with torch.no_grad():
         net(torch.zeros(args.images, 1, size, size), torch.zeros(args.images, dtype=torch.long))
     # the DDIM runs spread as evenly as possible over the gaps before, between and after the DDPM runs
@@ -112,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s-%d: %.2f s", sampler.upper(), steps, times[sampler][-1])
     ddim, ddpm_all = times["ddim"], times["ddpm"]
     ddpm = statistics.median(ddpm_all)
-    load_after = os.getloadavg()
+    load_after = loadavg()
     ddim_s = statistics.median(ddim)
     ratio = ddpm / ddim_s
     ratio_min = min(ddpm_all) / min(ddim)
@@ -126,13 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": count_parameters(net),
         "weights": weights,
         "scan_backend": backend,
-        "device": "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "loadavg_before": load_before,
-        "loadavg_after": load_after,
+        "machine": {
+            **machine_info(args.threads, "cpu"),
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+        },
         "order": order,
         "cpu_s_per_wall_s": cpu_share,  # ~threads when the process had the cores to itself
         "ddim_steps": args.ddim_steps,
@@ -148,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "ideal_ratio": args.ddpm_steps / args.ddim_steps,
         "target_ratio": 18.0,
         "meets_target": ratio >= 18.0,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
     }
     write_json(args.out, result)
     log.info(
