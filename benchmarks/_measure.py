@@ -4,7 +4,7 @@ Used by `bench_scaling.py` (VM-DDPM, CSM vs attention, over image sizes) and `be
 (every preset at 64^2 and 128^2), so both report the same quantity measured the same way.
 
 - Fresh process per point (`run_point`): a process's peak resident set belongs to everything it
-  ever did, and torch's CPU allocator keeps freed memory; a spawned interpreter per (model, size)
+  ever did, and the C library may keep freed memory; a spawned interpreter per (model, size)
   makes the peak belong to that point alone. The parent waits at most `timeout_s`, and reports a
   child that dies (e.g. killed for memory) at once instead of waiting out the timeout.
 - Threads (`set_threads`): torch's intra-op pool, and numba's (the `cpu` S6 scan), fixed to the same
@@ -29,7 +29,8 @@ Used by `bench_scaling.py` (VM-DDPM, CSM vs attention, over image sizes) and `be
   (the kernel: mostly zero-filling pages on first touch) and `minor_faults`. glibc serves blocks
   above its mmap threshold (at most 32 MiB) with fresh pages on every allocation, so once a step's
   large tensors cross it, page faults add system time that a linear model of the compute alone does
-  not predict; these fields show how much.
+  not predict; these fields show how much. `apply_cpu_memory` sets params.yaml's `cpu_memory` in the
+  point's process as the train/sample commands do (`retain` stops those faults: vmddpm/cpu_memory.py).
 """
 
 from __future__ import annotations
@@ -77,6 +78,17 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def apply_cpu_memory(policy: str, device: str) -> dict[str, Any]:
+    """Apply params.yaml's `cpu_memory` policy in this fresh process as `vmddpm train`/`sample` do
+    (vmddpm/cpu_memory.py); returns the policy and whether freed memory is now retained."""
+    import torch
+
+    from vmddpm import cpu_memory
+
+    retained = cpu_memory.configure(policy, torch.device(device).type)
+    return {"cpu_memory": policy, "cpu_memory_retained": retained}
 
 
 def machine_info(threads: int, device: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from _measure import (
+    apply_cpu_memory,
     command_line,
     denoiser_step,
     loadavg,
@@ -100,7 +101,7 @@ def _point(
     cfg = load_config(params, scale=scale, overrides=overrides)
     preset = cfg.preset(name)
     torch.manual_seed(0)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = apply_cpu_memory(cfg.cpu_memory, device)
     if preset.family == "gan":
         g, d = (m.to(device) for m in registry.build_gan(cfg, name, size))
         step = _gan_step(g, d, preset.gan_loss or "bce", cfg.baselines.gan, batch, size, device)
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "train-step time and peak memory of every preset, side by side",
         "scale": cfg.scale,
+        "cpu_memory": cfg.cpu_memory,
         "command": command_line(),
         "method": method_record(
             "diffusion families: forward + MSE to the noise + backward + AdamW step on random data; "

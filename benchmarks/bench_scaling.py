@@ -16,9 +16,15 @@ Method (the measurement is `benchmarks/_measure.py`, shared with `bench_models.p
   forward + backward), so their one-off cost is not counted as the first step's.
 - growth: the 256^2 / 128^2 ratio of each (4x the pixels): linear cost gives ~4x, quadratic ~16x.
   For the mixers of `--interleave` (csm), `time_ratio_interleaved` is the same ratio from steps of
-  every size timed in rounds in one process, free of the machine's drift between points; beside the
+  every size timed in rounds in one process, free of the machine's drift between points: the median
+  over `--processes` such processes, which alternate between the variants (each process's own ratio
+  in `time_ratio_interleaved_per_process`); beside the
   wall-time ratios, `user_cpu_ratio` (the compute alone) and the system time
   of each size (page faults: see `_measure.py`), so a ratio above 4 can be attributed.
+- allocator: every point applies params.yaml's `cpu_memory` as `vmddpm train` does. On CPU with
+  `retain` (the default), the mixers of `--compare-release` (csm) are measured again with `release`
+  (glibc's default, which returns every block above 32 MiB to the kernel and faults it in again on
+  the next step), as the variant "csm, cpu_memory=release": the cost of those page faults, side by side.
 
 Writes `results/benchmarks/scaling.json` and `results/benchmarks/scaling.png` (log-log time and
 peak memory vs pixels) atomically. Run from the repository root:
@@ -29,12 +35,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
 from _measure import (
+    apply_cpu_memory,
     command_line,
     denoiser_step,
     interleaved_steps,
@@ -59,9 +68,11 @@ def _point(
     budget_s: float,
     device: str,
     threads: int,
+    cpu_memory: str,
 ) -> dict[str, Any]:
     """One (mixer, size) point; `_measure.run_point` runs it in its own process."""
     set_threads(threads)
+    memory = apply_cpu_memory(cpu_memory, device)
     import torch
 
     from vmddpm.nn.vmunet import VMUNet
@@ -76,6 +87,7 @@ def _point(
         **result,
         "params": sum(p.numel() for p in model.parameters()),
         "scan_backend": model.resolved_scan_backend(torch.device(device)),
+        **memory,
     }
 
 
@@ -88,9 +100,11 @@ def _interleaved(
     budget_s: float,
     device: str,
     threads: int,
+    cpu_memory: str,
 ) -> dict[str, Any]:
     """Step times of one mixer at every size, timed in rounds in one process (for the ratios)."""
     set_threads(threads)
+    memory = apply_cpu_memory(cpu_memory, device)
     import torch
 
     from vmddpm.nn.vmunet import VMUNet
@@ -103,16 +117,18 @@ def _interleaved(
         steps[str(size)] = denoiser_step(model, batch, size, device)
     load_before = loadavg()
     result: dict[str, Any] = {"sizes": interleaved_steps(steps, warmup, rounds, budget_s)}
-    return {**result, "loadavg_before": load_before, "loadavg_after": loadavg()}
+    return {**result, **memory, "loadavg_before": load_before, "loadavg_after": loadavg()}
 
 
 def plot(
     points: list[dict[str, Any]],
+    variants: list[str],
     path: Path,
     subtitle: str = "",
     growth: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> None:
-    """Two log-log panels against pixels: step time and peak memory, CSM vs attention; each legend
+    """Two log-log panels against pixels: step time and peak memory, one line per variant (mixer,
+    or mixer with the other cpu_memory policy); each legend
     gives the growth between the two largest sizes (for step time also the interleaved, drift-free
     ratio where `growth` has one); thin lines: linear (dotted) and quadratic (dashed) growth from
     each series' first point."""
@@ -131,43 +147,48 @@ def plot(
     )
     sizes: set[int] = set()
     for ax, (key, ylabel, fmt) in zip(axes, panels, strict=True):
-        for mixer, marker, color in (("csm", "o", "C0"), ("attention", "s", "C1")):
+        for i, variant in enumerate(variants):
+            marker, color = "osd^v"[i % 5], f"C{i}"
             pts = sorted(
-                (p for p in points if p["mixer"] == mixer and (p.get(key) or 0) > 0),
+                (p for p in points if p["variant"] == variant and (p.get(key) or 0) > 0),
                 key=lambda p: p["pixels"],
             )
             if not pts:
                 continue
             sizes.update(p["size"] for p in pts)
             xs, ys = [p["pixels"] for p in pts], [p[key] for p in pts]
-            label = mixer
+            label = variant
             if len(pts) > 1:
                 label += f": x{ys[-1] / ys[-2]:.2f} for x{xs[-1] / xs[-2]:.0f} pixels"
-                pair = (growth or {}).get(mixer, {}).get(f"{pts[-1]['size']}/{pts[-2]['size']}", {})
+                pair = (growth or {}).get(variant, {}).get(f"{pts[-1]['size']}/{pts[-2]['size']}", {})
                 if key == "step_s_median" and "time_ratio_interleaved" in pair:
-                    label += f" (x{pair['time_ratio_interleaved']:.2f} interleaved)"
+                    n = len(pair.get("time_ratio_interleaved_per_process", [])) or 1
+                    label += f" (x{pair['time_ratio_interleaved']:.2f} interleaved, median of {n})"
             ax.loglog(xs, ys, marker=marker, color=color, label=label)
-            for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
-                last = i == len(xs) - 1  # the last label goes left, inside the axes
+            below = "cpu_memory=" in variant  # a comparison variant lies close to its mixer: label below
+            for j, (x, y) in enumerate(zip(xs, ys, strict=True)):
+                last = j == len(xs) - 1  # the last label goes left, inside the axes
                 ax.annotate(
                     fmt.format(y),
                     (x, y),
                     textcoords="offset points",
-                    xytext=(-6, 4) if last else (6, -10),
+                    xytext=((-6, -10) if below else (-6, 4)) if last else ((6, 4) if below else (6, -10)),
                     ha="right" if last else "left",
                     fontsize=7,
                 )
             for power, style in ((1, ":"), (2, "--")):
                 ref = [ys[0] * (x / xs[0]) ** power for x in xs]
                 ax.loglog(xs, ref, style, color=color, lw=0.8, alpha=0.6)
-            failed = [p["size"] for p in points if p["mixer"] == mixer and "error" in p]
+            failed = [p["size"] for p in points if p["variant"] == variant and "error" in p]
             if failed:
-                ax.plot([], [], " ", label=f"{mixer} failed at " + ", ".join(f"{s}²" for s in failed))
+                ax.plot([], [], " ", label=f"{variant} failed at " + ", ".join(f"{s}²" for s in failed))
         ax.set_xlabel("image size (pixels, log scale)")
         ax.set_ylabel(ylabel)
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(which="major", alpha=0.3)
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, hi * (hi / lo) ** 0.25)  # head room: the legend sits above the data
         ax.legend(fontsize=8, loc="upper left")
     for ax in axes:
         ticks = sorted(sizes)
@@ -207,11 +228,29 @@ def main(argv: list[str] | None = None) -> int:
         help="mixers whose growth ratios also come from steps of all sizes timed in rounds in one "
         "process (drift-free); attention at 256^2 takes minutes a step, so not by default",
     )
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds of --interleave")
+    parser.add_argument("--rounds", type=int, default=4, help="timed rounds of --interleave per process")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=3,
+        help="fresh processes per --interleave variant, alternating between variants; the ratio is the "
+        "median of theirs",
+    )
+    parser.add_argument(
+        "--compare-release",
+        nargs="*",
+        default=["csm"],
+        choices=["csm", "attention"],
+        help="on CPU with params.yaml cpu_memory=retain, also measure these mixers with "
+        "cpu_memory=release (glibc's default), side by side",
+    )
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
         "--out", type=Path, default=None, help="default: <paths.results>/benchmarks/scaling.json"
+    )
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw the figure from the JSON at --out; measure nothing"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -222,10 +261,24 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.params, scale=args.scale, overrides=args.overrides)
     base = dataclasses.asdict(cfg.model_config("vmddpm"))
     out = args.out or cfg.results_dir("benchmarks", "scaling.json")
+    if args.replot:
+        done = json.loads(out.read_text())
+        variants = list(dict.fromkeys(p["variant"] for p in done["points"]))
+        subtitle = _subtitle(done["batch"], done["device"], done["threads"], done["cpu_memory"])
+        plot(done["points"], variants, out.with_suffix(".png"), subtitle, done["growth"])
+        log.info("redrew %s from %s", out.with_suffix(".png"), out)
+        return 0
     load_before = loadavg()
+    # (name, mixer, cpu_memory policy): the params.yaml policy for every mixer, and right after it the
+    # other one for the mixers of --compare-release, to show what the policy is worth
+    variants = []
+    for m in args.mixers:
+        variants.append((m, m, cfg.cpu_memory))
+        if args.device == "cpu" and cfg.cpu_memory == "retain" and m in args.compare_release:
+            variants.append((f"{m}, cpu_memory=release", m, "release"))
     points = []
-    for mixer in args.mixers:
-        for size in args.sizes:
+    for size in args.sizes:  # the variants of a size one after the other: the least drift between them
+        for variant, mixer, policy in variants:
             arch = {**base, "mixer": mixer}
             kwargs = dict(
                 arch=arch,
@@ -236,15 +289,26 @@ def main(argv: list[str] | None = None) -> int:
                 budget_s=args.budget_s,
                 device=args.device,
                 threads=args.threads,
+                cpu_memory=policy,
             )
-            log.info("measuring mixer=%s size=%d ...", mixer, size)
-            p = run_point(_point, kwargs, args.timeout_s, {"mixer": mixer, "size": size})
+            log.info("measuring %s size=%d ...", variant, size)
+            p = run_point(_point, kwargs, args.timeout_s, {"variant": variant, "mixer": mixer, "size": size})
             log.info("  %s", {k: v for k, v in p.items() if k != "step_s_all"})
             points.append(p)
 
-    interleaved: dict[str, dict[str, Any]] = {}
-    for mixer in [m for m in args.mixers if m in args.interleave]:
-        log.info("timing mixer=%s at %s in %d interleaved rounds ...", mixer, args.sizes, args.rounds)
+    # one list of runs per variant; the processes alternate between variants (a, b, a, b, ...) so the
+    # machine's drift over minutes reaches every variant alike
+    interleaved: dict[str, list[dict[str, Any]]] = {}
+    timed = [v for v in variants if v[1] in args.interleave]
+    for (variant, mixer, policy), rep in [(v, r) for r in range(args.processes) for v in timed]:
+        log.info(
+            "timing %s at %s in %d interleaved rounds (process %d of %d) ...",
+            variant,
+            args.sizes,
+            args.rounds,
+            rep + 1,
+            args.processes,
+        )
         kwargs = dict(
             arch={**base, "mixer": mixer},
             sizes=args.sizes,
@@ -254,14 +318,16 @@ def main(argv: list[str] | None = None) -> int:
             budget_s=args.budget_s * len(args.sizes),
             device=args.device,
             threads=args.threads,
+            cpu_memory=policy,
         )
-        interleaved[mixer] = run_point(_interleaved, kwargs, args.timeout_s, {"mixer": mixer})
-        log.info("  %s", interleaved[mixer])
+        run = run_point(_interleaved, kwargs, args.timeout_s, {"mixer": mixer})
+        log.info("  %s", run)
+        interleaved.setdefault(variant, []).append(run)
 
     growth: dict[str, dict[str, float]] = {}
-    for mixer in args.mixers:
-        by = {p["size"]: p for p in points if p["mixer"] == mixer and "error" not in p}
-        paired = interleaved.get(mixer, {}).get("sizes", {})
+    for variant, _, _ in variants:
+        by = {p["size"]: p for p in points if p["variant"] == variant and "error" not in p}
+        runs = [r["sizes"] for r in interleaved.get(variant, []) if "error" not in r]
         g = {}
         for a, b in zip(sorted(by), sorted(by)[1:], strict=False):
             g[f"{b}/{a}"] = {
@@ -274,16 +340,22 @@ def main(argv: list[str] | None = None) -> int:
                 "user_cpu_ratio": by[b]["user_s_median"] / by[a]["user_s_median"],
                 "sys_s": [by[a]["sys_s_median"], by[b]["sys_s_median"]],
             }
-            if str(a) in paired and str(b) in paired:  # the drift-free ratio, from one process
-                pa, pb = paired[str(a)], paired[str(b)]
-                g[f"{b}/{a}"]["time_ratio_interleaved"] = pb["step_s_median"] / pa["step_s_median"]
-                g[f"{b}/{a}"]["user_cpu_ratio_interleaved"] = pb["user_s_median"] / pa["user_s_median"]
-        growth[mixer] = g
+            pairs = [(r[str(a)], r[str(b)]) for r in runs if str(a) in r and str(b) in r]
+            if pairs:  # the drift-free ratio: one per process, and their median
+                wall = [pb["step_s_median"] / pa["step_s_median"] for pa, pb in pairs]
+                user = [pb["user_s_median"] / pa["user_s_median"] for pa, pb in pairs]
+                g[f"{b}/{a}"].update(
+                    time_ratio_interleaved=statistics.median(wall),
+                    time_ratio_interleaved_per_process=wall,
+                    user_cpu_ratio_interleaved=statistics.median(user),
+                )
+        growth[variant] = g
 
     result = {
         "claim": "C5: cost linear in pixels for CSM (S6), quadratic for attention",
         "target": "csm 256/128 step-time ratio <= 4.4 (linear; time_ratio_interleaved is the drift-free "
         "measurement of it); attention grows faster (quadratic -> ~16x)",
+        "cpu_memory": cfg.cpu_memory,
         "method": method_record(
             "forward + backward + AdamW step, MSE loss on random data",
             args.warmup,
@@ -308,14 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
-    plot(points, out.with_suffix(".png"), _subtitle(args.batch, args.device, args.threads), growth)
+    subtitle = _subtitle(args.batch, args.device, args.threads, cfg.cpu_memory)
+    plot(points, [v[0] for v in variants], out.with_suffix(".png"), subtitle, growth)
     log.info("wrote %s and %s", out, out.with_suffix(".png"))
-    for mixer, g in growth.items():
+    for variant, g in growth.items():
         for k, v in g.items():
             log.info(
                 "%s %s: time x%.2f (interleaved x%s; user CPU x%.2f, sys %.2f -> %.2f s), memory x%s "
                 "(pixels x%.0f)",
-                mixer,
+                variant,
                 k,
                 v["time_ratio"],
                 f"{v['time_ratio_interleaved']:.2f}" if "time_ratio_interleaved" in v else "n/a",
@@ -327,8 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _subtitle(batch: int, device: str, threads: int) -> str:
-    return f"batch {batch}, " + (f"CPU, {threads} threads" if device == "cpu" else device)
+def _subtitle(batch: int, device: str, threads: int, cpu_memory: str) -> str:
+    where = f"CPU, {threads} threads, cpu_memory={cpu_memory}" if device == "cpu" else device
+    return f"batch {batch}, {where}"
 
 
 def _cuda() -> bool:

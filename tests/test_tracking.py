@@ -76,6 +76,8 @@ def test_one_run_per_invocation(tmp_path: Path, cli) -> None:
     loss = client.get_metric_history(train_run["run_id"], "loss")
     assert [m.step for m in loss] == [2, 4]
     assert [m.step for m in client.get_metric_history(train_run["run_id"], "lr")] == [2, 4]
+    rss = client.get_metric_history(train_run["run_id"], "peak_rss_mb")  # host memory, per log step
+    assert [m.step for m in rss] == [2, 4] and 50 < rss[0].value <= rss[1].value
     arts = {a.path for a in client.list_artifacts(train_run["run_id"])}
     assert {"history.csv", "checkpoint.txt", "grids"} <= arts
     assert train_run["tags.checkpoint"].endswith("model.pt")

@@ -99,6 +99,19 @@ def test_changed_train_steps_reruns_only_train_and_downstream(done: Path) -> Non
     assert jobs.get("report") == 1 and jobs.get("dvc_commit") == 1, jobs
 
 
+def test_changed_cpu_memory_reruns_nothing(done: Path) -> None:
+    """`cpu_memory` changes speed and resident memory only: neither Snakemake nor DVC reruns a job."""
+    before = (done / "params.yaml").read_text()
+    try:
+        wf.set_param(done, "cpu_memory", "release")
+        jobs = wf.dry_run_jobs(done)
+        status = wf.run("dvc", "status", cwd=done).stdout
+    finally:
+        (done / "params.yaml").write_text(before)
+    assert jobs == {}
+    assert "up to date" in status.lower(), status
+
+
 def test_mlflow_holds_one_tagged_run_per_job(done: Path) -> None:
     from mlflow.tracking import MlflowClient
 

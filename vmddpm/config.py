@@ -255,6 +255,7 @@ class Document:
 
     scale: Literal["demo", "paper"]
     seed: int = _f(min=0)
+    cpu_memory: Literal["retain", "release"] = _f()
     datasets: list[str] = _f(nonempty=True)
     models: list[str] = _f(nonempty=True)
     paths: PathsConfig = _f()

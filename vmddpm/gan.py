@@ -36,7 +36,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from vmddpm import __version__
+from vmddpm import __version__, cpu_memory
 from vmddpm.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
 from vmddpm.config import Config
 from vmddpm.errors import UserError
@@ -110,6 +110,7 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
     device = resolve_device(tc.device)
     set_determinism(tc.deterministic)
     data = load_dataset(cfg, dataset)
+    cpu_memory.configure(cfg.cpu_memory, device.type)  # once the inputs are known good
     torch.manual_seed(cfg.seed)
     gnet, dnet = build_gan(cfg, model)
     gnet, dnet = gnet.to(device), dnet.to(device)
@@ -228,7 +229,8 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
                 row = {"step": step, "loss": lg, "loss_g": lg, "loss_d": ld, "lr": gc.lr, "images_per_s": ips}
                 history.append(row)
                 bar.set_postfix(g=f"{lg:.3f}", d=f"{ld:.3f}")
-                run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+                metrics = {k: v for k, v in row.items() if k != "step"}
+                run.log_metrics({**metrics, "peak_rss_mb": cpu_memory.peak_rss_mb()}, step=step)
             if step % tc.checkpoint_every == 0 and step < tc.steps:
                 checkpoint()
         bar.close()

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from vmddpm import cpu_memory
 from vmddpm.config import Config
 from vmddpm.errors import UserError
 from vmddpm.io import write_json, write_png, write_png_grid
@@ -150,6 +151,7 @@ def _diffusion_generator(cfg: Config, dataset: str, model: str) -> tuple[Any, in
     sc = cfg.sample
     net, state = load_weights(cfg, dataset, model, sc.use_ema)
     device = resolve_device(cfg.train.device)
+    cpu_memory.configure(cfg.cpu_memory, device.type)
     net = net.to(device)
     backend = scan_backend_of(net, device)
     diffusion = Diffusion(cfg.diffusion)

@@ -47,7 +47,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from vmddpm import __version__
+from vmddpm import __version__, cpu_memory
 from vmddpm.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -276,6 +276,7 @@ def _train(
     main = rank == 0
     set_determinism(tc.deterministic)
     data = load_dataset(cfg, dataset)
+    cpu_memory.configure(cfg.cpu_memory, device.type)  # once the inputs are known good
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     net = build_model(cfg, model).to(device)
@@ -417,7 +418,8 @@ def _train(
                 row = {"step": step, "loss": loss_mean, "lr": lr, "images_per_s": ips}
                 history.append(row)
                 bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{ips:.1f}")
-                run.log_metrics({"loss": loss_mean, "lr": lr, "images_per_s": ips}, step=step)
+                metrics = {"loss": loss_mean, "lr": lr, "images_per_s": ips}
+                run.log_metrics({**metrics, "peak_rss_mb": cpu_memory.peak_rss_mb()}, step=step)
             if tc.sample_every and step % tc.sample_every == 0 and main:
                 grid = _sample_grid(
                     cfg, diffusion, ema.module, out / "grids" / f"step_{step:08d}.png", device
