@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     base = dataclasses.asdict(cfg.model_config("vmddpm"))
     out = args.out or cfg.results_dir("benchmarks", "scaling.json")
     if args.replot:
+        if not out.is_file():
+            parser.error(f"{out}: no results to redraw; run without --replot first (or pass --out)")
         done = json.loads(out.read_text())
         variants = list(dict.fromkeys(p["variant"] for p in done["points"]))
         subtitle = _subtitle(done["batch"], done["device"], done["threads"], done["cpu_memory"])
