@@ -59,6 +59,18 @@ from _measure import (
 log = logging.getLogger("bench_scaling")
 
 
+def _model(arch: dict[str, Any], device: str) -> Any:
+    """The VM-DDPM of `arch`, seeded, on `device`, its numba kernels loaded (see `prime_jit`)."""
+    import torch
+
+    from vmddpm.nn.vmunet import VMUNet
+
+    torch.manual_seed(0)
+    model = VMUNet(**arch).to(device)
+    prime_jit(model, device)
+    return model
+
+
 def _point(
     arch: dict[str, Any],
     size: int,
@@ -75,11 +87,7 @@ def _point(
     memory = apply_cpu_memory(cpu_memory, device)
     import torch
 
-    from vmddpm.nn.vmunet import VMUNet
-
-    torch.manual_seed(0)
-    model = VMUNet(**arch).to(device)
-    prime_jit(model, device)
+    model = _model(arch, device)
     result = measure_steps(denoiser_step(model, batch, size, device), device, warmup, repeats, budget_s)
     return {
         "pixels": size * size,
@@ -105,16 +113,7 @@ def _interleaved(
     """Step times of one mixer at every size, timed in rounds in one process (for the ratios)."""
     set_threads(threads)
     memory = apply_cpu_memory(cpu_memory, device)
-    import torch
-
-    from vmddpm.nn.vmunet import VMUNet
-
-    steps = {}
-    for size in sizes:
-        torch.manual_seed(0)
-        model = VMUNet(**arch).to(device)
-        prime_jit(model, device)
-        steps[str(size)] = denoiser_step(model, batch, size, device)
+    steps = {str(size): denoiser_step(_model(arch, device), batch, size, device) for size in sizes}
     load_before = loadavg()
     result: dict[str, Any] = {"sizes": interleaved_steps(steps, warmup, rounds, budget_s)}
     return {**result, **memory, "loadavg_before": load_before, "loadavg_after": loadavg()}

@@ -5,7 +5,6 @@ fresh interpreter."""
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -15,11 +14,11 @@ import pytest
 
 from tests.conftest import ONE_THREAD_ENV, ROOT, run_cli
 from tests.test_train import DATASET, MODEL, cli_args, weights_hash, write_prepared
+from vmddpm import cpu_memory
 from vmddpm.config import ConfigError, load_config
 
 glibc = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-    reason="the cpu_memory setting acts on glibc's malloc only",
+    not cpu_memory.supported(), reason="the cpu_memory setting acts on glibc's malloc only"
 )
 
 # The set-up every compute command does with params.yaml's policy and its device type ("cuda" asked
@@ -86,7 +85,7 @@ def test_retain_and_release_train_bit_identical_weights(tmp_path: Path) -> None:
         logs[policy] = proc.stderr
         hashes[policy] = weights_hash(root / "runs" / DATASET / MODEL / "train" / "model.pt")
     assert hashes["retain"] == hashes["release"]
-    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+    if cpu_memory.supported():
         assert "cpu_memory=retain: freed CPU memory stays in the process" in logs["retain"]
     assert "cpu_memory=retain" not in logs["release"]
 

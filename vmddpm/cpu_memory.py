@@ -56,6 +56,11 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "mallopt") else None
 
 
+def supported() -> bool:
+    """Whether this platform's C library is glibc, the only one `retain` acts on."""
+    return _glibc() is not None
+
+
 def retain_freed_memory() -> bool:
     """Make this process reuse freed memory instead of returning it to the OS (see the module).
 
