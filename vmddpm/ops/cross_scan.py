@@ -1,0 +1,138 @@
+"""The Cross-Scan Module's S6 core as one op: cross-scan, Sequence Regeneration, dt projection,
+the four selective scans and cross-merge, defined on the 2-D map's tokens in place.
+
+Why one op: VMamba's SS2D materialises four copies of the map in scan order (cross-scan), runs S6
+on a (batch, 4*d, L) tensor and folds the four outputs back (cross-merge); every step of that is a
+full-size copy, and the per-direction projections, dtype casts and layout changes around it are
+more copies. Here the scan order is an index table and everything else is arithmetic inside the
+kernel: the only full-size tensors are the input tokens `u` and the output `y`.
+
+Definition (K directions, the SR order of direction k given by `idx[k]`)::
+
+    for every batch b, direction k, channel d, and sequence position p = 0 .. L-1 (token j = idx[k, p]):
+        dt   = softplus(dt_bias[k, d] + sum_r dt_weight[k, d, r] * x_dbl[b, j, k, r])
+        h_p  = exp(dt * A[k, d, :]) * h_{p-1} + dt * x_dbl[b, j, k, R:R+N] * u[b, j, d]     h_{-1} = 0
+        y[b, j, d] += <x_dbl[b, j, k, R+N:R+2N], h_p> + D[k, d] * u[b, j, d]
+
+Shapes: u (batch, L, d) channel-last tokens of the (H, W) map in row-major order (L = H*W);
+x_dbl (batch, L, K, R + 2N), each token's projection per direction: [dt_low | B | C];
+dt_weight (K, d, R); dt_bias, D (K, d); A (K, d, N) (negative: the decays); idx (K, L) int64, each
+row a permutation. Returns y (batch, L, d) in u's dtype; the state is float32 (float64 when an
+input is float64), whatever the input dtype, as in mamba-ssm.
+
+Backends (`csm_scan(..., backend=...)`):
+- `ref`: the definition through `selective_scan_ref` on gathered sequences (readable, slow).
+- `pscan`, `cuda`: the same gathers around `selective_scan` with that S6 backend (any device; cuda =
+  mamba-ssm's kernel).
+- `cpu`: the fused numba kernel of `vmddpm.ops.scan_cpu` (reads the tokens through `idx`, fuses
+  the dt projection, softplus, D skip and the merge; parallel over batch).
+- `auto`: cpu on CPU tensors (numba importable), cuda on CUDA tensors (mamba-ssm importable), else
+  pscan.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vmddpm.ops import selective_scan as s6
+
+log = logging.getLogger(__name__)
+
+CSM_BACKENDS: tuple[str, ...] = ("ref", "pscan", "cpu", "cuda")
+
+
+def _shape_error(name: str, expected: str, t: torch.Tensor) -> ValueError:
+    return ValueError(f"csm_scan: {name} must be {expected}, got {tuple(t.shape)}")
+
+
+def _validate(u, x_dbl, dt_weight, dt_bias, A, D, idx) -> None:
+    """ValueError naming the input and its expected shape."""
+    if u.dim() != 3:
+        raise _shape_error("u", "(batch, L, d)", u)
+    batch, length, dim = u.shape
+    if A.dim() != 3 or A.shape[1] != dim:
+        raise _shape_error("A", f"(K, d, N) with d = {dim}", A)
+    k, _, n = A.shape
+    if dt_weight.dim() != 3 or tuple(dt_weight.shape[:2]) != (k, dim):
+        raise _shape_error("dt_weight", f"(K, d, R) with K, d = {k}, {dim}", dt_weight)
+    r = dt_weight.shape[2]
+    if tuple(x_dbl.shape) != (batch, length, k, r + 2 * n):
+        raise _shape_error("x_dbl", f"(batch, L, K, R + 2N) = {(batch, length, k, r + 2 * n)}", x_dbl)
+    for name, t in (("dt_bias", dt_bias), ("D", D)):
+        if tuple(t.shape) != (k, dim):
+            raise _shape_error(name, f"(K, d) = {(k, dim)}", t)
+    if tuple(idx.shape) != (k, length) or idx.dtype != torch.int64:
+        raise ValueError(
+            f"csm_scan: idx must be int64 (K, L) = {(k, length)}, got {idx.dtype} {tuple(idx.shape)}"
+        )
+
+
+def resolve_csm_backend(name: str, device: torch.device | str = "cpu") -> str:
+    """The concrete backend `name` means on `device` (see the module docstring); ValueError naming the
+    backend and why when an explicit one cannot run there."""
+    dev = torch.device(device)
+    if name == "auto":
+        return s6.resolve_backend("auto", dev)
+    if name not in CSM_BACKENDS:
+        raise ValueError(
+            f"csm_scan: backend {name!r}: unknown backend; choose one of auto, {', '.join(CSM_BACKENDS)}"
+        )
+    return s6.resolve_backend(name, dev)
+
+
+def csm_scan(
+    u: torch.Tensor,
+    x_dbl: torch.Tensor,
+    dt_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    idx: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The CSM's four selective scans over the SR orders `idx`, merged; see the module docstring."""
+    _validate(u, x_dbl, dt_weight, dt_bias, A, D, idx)
+    name = resolve_csm_backend(backend, u.device)
+    if name == "cpu":
+        from vmddpm.ops.csm_cpu import csm_scan_cpu
+
+        return csm_scan_cpu(u, x_dbl, dt_weight, dt_bias, A, D, idx)
+    return csm_scan_gathered(u, x_dbl, dt_weight, dt_bias, A, D, idx, backend=name)
+
+
+def csm_scan_gathered(
+    u: torch.Tensor,
+    x_dbl: torch.Tensor,
+    dt_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    idx: torch.Tensor,
+    backend: str = "ref",
+) -> torch.Tensor:
+    """The definition as VMamba computes it: gather the K sequences, run `selective_scan` (any S6
+    backend; `ref` makes this the oracle of every fused kernel), scatter back and sum."""
+    batch, length, dim = u.shape
+    k, _, n = A.shape
+    r = dt_weight.shape[2]
+    seq = idx.to(u.device)
+    xs = u.transpose(1, 2)[:, :, seq].transpose(1, 2)  # (batch, K, d, L) in each direction's order
+    xd = x_dbl.permute(0, 2, 3, 1)  # (batch, K, R + 2N, L)
+    xd = torch.gather(xd, 3, seq[None, :, None, :].expand(batch, k, r + 2 * n, length))
+    dts = torch.einsum("bkrl,kdr->bkdl", xd[:, :, :r], dt_weight.to(xd.dtype))
+    y = s6.selective_scan(
+        xs.reshape(batch, k * dim, length),
+        dts.reshape(batch, k * dim, length),
+        A.reshape(k * dim, n),
+        xd[:, :, r : r + n].contiguous(),  # (batch, K, N, L): group k serves direction k's channels
+        xd[:, :, r + n :].contiguous(),
+        D=D.reshape(-1),
+        delta_bias=dt_bias.reshape(-1),
+        delta_softplus=True,
+        backend=backend,
+    ).view(batch, k, dim, length)
+    inv = torch.argsort(seq, dim=1)  # token j of direction k sits at sequence position inv[k, j]
+    merged = torch.gather(y, 3, inv[None, :, None, :].expand(batch, k, dim, length)).sum(1)
+    return merged.transpose(1, 2).to(u.dtype)
