@@ -136,7 +136,8 @@ class ModelConfig:
     mixer: Literal["csm", "attention"] = _f()
     attn_heads: int = _f(min=1)
     dropout: float = _f(min=0.0, max=1.0)
-    scan_backend: Literal["auto", "cuda", "cpu", "pscan", "ref"] = _f()
+    scan_backend: Literal["auto", "cuda", "triton", "cpu", "pscan", "ref"] = _f()
+    checkpointing: bool = _f()
 
 
 @dataclass(frozen=True)

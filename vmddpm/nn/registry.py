@@ -90,7 +90,7 @@ def model_signature(cfg: Config, name: str, image_size: int | None = None) -> di
     sig: dict[str, Any] = {"family": preset.family}
     if preset.family == "vmunet":
         arch = dataclasses.asdict(cfg.model_config(name))
-        for runtime in ("scan_backend", "dropout"):
+        for runtime in ("scan_backend", "dropout", "checkpointing"):
             arch.pop(runtime)
         sig.update(arch)
     elif preset.family == "unet_attn":

@@ -3,10 +3,12 @@
 Why one index table: VMamba's cross-scan unrolls a (H, W) map into four 1-D sequences (row-major,
 column-major, and both reversed), runs S6 on each and folds the outputs back (cross-merge). The
 paper's Sequence Regeneration (SR) re-orders the tokens before S6 and restores the layout after it.
-Both are token permutations, so here they are composed into ONE gather index per direction:
+Both are token permutations, so here they are composed into ONE index per direction:
 `scan_indices(H, W, sr, ...)` returns `idx` (4, L) with `seq_k[p] = token[idx[k, p]]` and its
-inverse. Scanning is then a single `index_select`, merging a single `index_select` and a sum; SR
-costs no parameters and no extra pass, and `sr="none"` is exactly VMamba's cross-scan.
+inverse. The CSM never builds the sequences: its S6 kernels read the map's tokens through `idx`
+(`vmddpm/ops/cross_scan.py`), so cross-scan, SR and cross-merge cost no copy and no parameter, and
+`sr="none"` is exactly VMamba's cross-scan. `cross_scan` / `cross_merge` below spell the same
+thing out with gathers (the definition the kernels are tested against).
 
 SR rules (each an exact permutation of the row-major token order of an (H, W) map; the column-major
 directions apply the same rule to the transposed map, and the reversed directions flip both):
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vmddpm.ops.selective_scan import resolve_backend, selective_scan
+from vmddpm.ops.cross_scan import csm_scan, resolve_csm_backend
 
 SR_MODES: tuple[str, ...] = ("none", "window", "zigzag", "random")
 K_DIRECTIONS = 4
@@ -98,82 +100,47 @@ def scan_indices(
 
 
 @functools.lru_cache(maxsize=256)
-def _device_tables(
+def device_scan_index(
     h: int, w: int, mode: str, window: int, seed: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(idx, inv) as (1, 4, 1, L) LongTensors on `device`, ready to expand for `torch.gather`."""
-    idx, inv = _scan_tables(h, w, mode, window, seed)
-    shape = (1, K_DIRECTIONS, 1, h * w)
-    return (
-        torch.from_numpy(idx.copy()).view(shape).to(device),
-        torch.from_numpy(inv.copy()).view(shape).to(device),
-    )
-
-
-def _scan(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(B, C, L) -> (B, 4, C, L): gather every direction straight into its final layout."""
-    b, c, n = x.shape
-    return torch.gather(x.unsqueeze(1).expand(b, K_DIRECTIONS, c, n), 3, idx.expand(b, K_DIRECTIONS, c, n))
-
-
-def _merge(y: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """(B, 4, C, L) -> (B, C, L): put every direction back in row-major order and sum."""
-    return torch.gather(y, 3, inv.expand(y.shape)).sum(1)
-
-
-class _CrossScan(torch.autograd.Function):
-    """Scan and merge are each other's adjoint (a permutation's transpose is its inverse), so each
-    one's backward is the other's forward: two gathers, no scatter-add and no zero-filled buffers."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(inv)
-        return _scan(x, idx)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (inv,) = ctx.saved_tensors
-        return _merge(grad.contiguous(), inv), None, None
-
-
-class _CrossMerge(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(idx)
-        return _merge(y, inv)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (idx,) = ctx.saved_tensors
-        return _scan(grad.contiguous(), idx), None, None
+) -> torch.Tensor:
+    """`idx` of `scan_indices` as a (4, h*w) LongTensor on `device`, built once per map size and mode:
+    the table the fused CSM kernels read the tokens through (vmddpm/ops/cross_scan.py)."""
+    return torch.from_numpy(_scan_tables(h, w, mode, window, seed)[0].copy()).to(device)
 
 
 def cross_scan(x: torch.Tensor, sr: str = "none", window: int = 1, seed: int = 0) -> torch.Tensor:
-    """(B, C, H, W) -> (B, 4, C, H*W): the four scan directions, each in SR order."""
+    """(B, C, H, W) -> (B, 4, C, H*W): the four scan directions, each in SR order.
+
+    The readable definition of what the index tables mean; the network never materialises these
+    sequences (the fused CSM op reads the map through the tables)."""
     b, c, h, w = x.shape
-    idx, inv = _device_tables(h, w, sr, window, seed, x.device)
-    return _CrossScan.apply(x.reshape(b, c, h * w), idx, inv)
+    idx = device_scan_index(h, w, sr, window, seed, x.device)
+    return x.reshape(b, c, h * w)[:, :, idx].transpose(1, 2)
 
 
 def cross_merge(
     y: torch.Tensor, h: int, w: int, sr: str = "none", window: int = 1, seed: int = 0
 ) -> torch.Tensor:
-    """(B, 4, C, H*W) -> (B, C, H, W): undo each direction's order and sum the four."""
+    """(B, 4, C, H*W) -> (B, C, H, W): undo each direction's order and sum the four (the adjoint of
+    `cross_scan`)."""
     b, k, c, n = y.shape
     if k != K_DIRECTIONS or n != h * w:
         raise ValueError(f"cross_merge expects (B, 4, C, {h * w}), got {tuple(y.shape)}")
-    idx, inv = _device_tables(h, w, sr, window, seed, y.device)
-    return _CrossMerge.apply(y.contiguous(), idx, inv).view(b, c, h, w)
+    inv = torch.from_numpy(_scan_tables(h, w, sr, window, seed)[1].copy()).to(y.device)
+    return torch.gather(y, 3, inv[None, :, None, :].expand(b, k, c, n)).sum(1).view(b, c, h, w)
 
 
 # ------------------------------------------------------------------------------------- CSM (SS2D)
 class SS2D(nn.Module):
     """The Cross-Scan Module: VMamba's SS2D with Sequence Regeneration around its four S6 scans.
 
-    in_proj (to x and gate z) -> depth-wise conv -> SiLU -> cross-scan (SR order) -> per direction
-    x_proj to (dt, B, C) and dt_proj -> S6 -> cross-merge (SR undone) -> LayerNorm -> * SiLU(z) ->
-    out_proj. Input and output are channel-first (B, C, H, W). Parameters per direction follow VMamba
-    (`A_logs`, `Ds`, `dt_projs_*`, `x_proj_weight`), so SR changes only the order, never the count.
+    in_proj (to x and gate z) -> depth-wise conv -> SiLU -> per direction x_proj to (dt, B, C) ->
+    cross-scan (SR order), dt_proj, S6, cross-merge (SR undone) as one op (`csm_scan`) -> LayerNorm
+    -> * SiLU(z) -> out_proj. Input and output are channel-first (B, C, H, W); inside, tokens are
+    channel-last (B, H*W, d). x_proj is per token, so it runs once on the map instead of once per
+    scan direction's copy. Parameters per direction follow VMamba (`A_logs`, `Ds`, `dt_projs_*`,
+    `x_proj_weight`), so SR changes only the order, never the count, and checkpoints written before
+    the fused op load unchanged.
     """
 
     def __init__(
@@ -223,33 +190,29 @@ class SS2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        length, k, n, r = h * w, K_DIRECTIONS, self.d_state, self.dt_rank
+        k, n, r, d = K_DIRECTIONS, self.d_state, self.dt_rank, self.d_inner
         xz = self.in_proj(x.permute(0, 2, 3, 1))  # (B, H, W, 2 * d_inner)
         xi, z = xz.chunk(2, dim=-1)
-        xi = F.silu(self.conv2d(xi.permute(0, 3, 1, 2).contiguous()))  # (B, D, H, W)
-
-        xs = cross_scan(xi, self.sr, self.sr_window, self.sr_seed)  # (B, K, D, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-
+        # channels_last: the depth-wise conv reads and writes (B, H, W, d) memory, so the tokens
+        # below are a free view, not a copy
+        xi = xi.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        u = F.silu(self.conv2d(xi)).permute(0, 2, 3, 1).reshape(b, h * w, d)
+        x_dbl = F.linear(u, self.x_proj_weight.view(k * (r + 2 * n), d)).view(b, h * w, k, r + 2 * n)
         if self.resolved_backend is None or self.resolved_backend_device != x.device:
-            self.resolved_backend = resolve_backend(self.scan_backend, x.device)
+            self.resolved_backend = resolve_csm_backend(self.scan_backend, x.device)
             self.resolved_backend_device = x.device
-        y = selective_scan(
-            xs.reshape(b, k * self.d_inner, length).float(),
-            dts.reshape(b, k * self.d_inner, length).float(),
-            -torch.exp(self.A_logs.float()),
-            bs.float().contiguous(),
-            cs.float().contiguous(),
-            D=self.Ds.float(),
-            delta_bias=self.dt_projs_bias.reshape(-1).float(),
-            delta_softplus=True,
+        y = csm_scan(
+            u,
+            x_dbl,
+            self.dt_projs_weight,
+            self.dt_projs_bias,
+            -torch.exp(self.A_logs).view(k, d, n),
+            self.Ds.view(k, d),
+            device_scan_index(h, w, self.sr, self.sr_window, self.sr_seed, x.device),
             backend=self.resolved_backend,
         )
-        y = cross_merge(y.view(b, k, self.d_inner, length), h, w, self.sr, self.sr_window, self.sr_seed)
-        y = self.out_norm(y.permute(0, 2, 3, 1).to(z.dtype)) * F.silu(z)
-        return self.out_proj(y).permute(0, 3, 1, 2).contiguous()
+        y = self.out_norm(y.view(b, h, w, d)) * F.silu(z)
+        return self.out_proj(y).permute(0, 3, 1, 2)
 
 
 # Alias: the paper calls this block the Cross-Scan Module (CSM).

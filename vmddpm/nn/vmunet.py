@@ -20,10 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vmddpm.nn.layers import Downsample, TimeEmbedding, Upsample, group_norm, zero_module
 from vmddpm.nn.scan2d import SR_MODES, SS2D
-from vmddpm.ops.selective_scan import resolve_backend
+from vmddpm.ops.cross_scan import explain_csm_backend
 
 
 class SelfAttention2D(nn.Module):
@@ -44,6 +45,17 @@ class SelfAttention2D(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, dh)
         y = self.out_proj(y.transpose(1, 2).reshape(b, h * w, c))
         return y.transpose(1, 2).reshape(b, c, h, w)
+
+
+def _pool(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Average-pool by `f` to ceil(H/f) x ceil(W/f). When f divides H and W (every map of a network
+    whose input passes `check_input` at the default levels) this is `avg_pool2d`, the same numbers as
+    `adaptive_avg_pool2d` but with a deterministic CUDA backward (adaptive pooling's backward has
+    none, so `train.deterministic: true` failed at the first backward on a GPU)."""
+    h, w = x.shape[-2:]
+    if h % f == 0 and w % f == 0:
+        return F.avg_pool2d(x, f)
+    return F.adaptive_avg_pool2d(x, (math.ceil(h / f), math.ceil(w / f)))
 
 
 class MSSBlock(nn.Module):
@@ -95,7 +107,7 @@ class MSSBlock(nn.Module):
         h, w = x.shape[-2:]
         outs = []
         for k in range(self.levels):
-            xk = x if k == 0 else F.adaptive_avg_pool2d(x, (math.ceil(h / 2**k), math.ceil(w / 2**k)))
+            xk = x if k == 0 else _pool(x, 2**k)
             for path in (self.cnn, self.mix):
                 if path is None:
                     continue
@@ -109,11 +121,21 @@ class MSSBlock(nn.Module):
 class SSLayer(nn.Module):
     """Residual unit: norm -> act -> conv, + projected time embedding, norm -> act -> MSSBlock.
 
-    A 1x1 conv maps the input onto the output channels when they differ.
+    A 1x1 conv maps the input onto the output channels when they differ. With `checkpointing` the
+    layer's activations are recomputed in the backward instead of kept (memory for compute).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, mss: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        temb_dim: int,
+        dropout: float,
+        mss: dict[str, Any],
+        checkpointing: bool = False,
+    ) -> None:
         super().__init__()
+        self.checkpointing = checkpointing
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, out_ch)
@@ -123,6 +145,13 @@ class SSLayer(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            # activation checkpointing (improved-diffusion's use_checkpoint): keep only the layer's
+            # inputs, recompute its activations in the backward; the RNG state (dropout) is replayed
+            return checkpoint(self._forward, x, temb, use_reentrant=False)
+        return self._forward(x, temb)
+
+    def _forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
         h = self.mss(self.dropout(F.silu(self.norm2(h))))
@@ -204,6 +233,7 @@ class VMUNet(nn.Module):
         attn_heads: int,
         dropout: float,
         scan_backend: str,
+        checkpointing: bool = False,
         in_channels: int = 1,
     ) -> None:
         super().__init__()
@@ -237,7 +267,7 @@ class VMUNet(nn.Module):
         )
 
         def layer(cin: int, cout: int) -> SSLayer:
-            return SSLayer(cin, cout, time_embed_dim, dropout, mss)
+            return SSLayer(cin, cout, time_embed_dim, dropout, mss, checkpointing)
 
         self.time_embed = TimeEmbedding(time_embed_dim)
         ch = base_channels * channel_mult[0]
@@ -273,11 +303,15 @@ class VMUNet(nn.Module):
     def resolved_scan_backend(self, device: torch.device | str | None = None) -> str:
         """The S6 backend this network runs on `device` (default: where its parameters are);
         "none" when it has no S6 path (CNN-only or attention mixer). Train logs it."""
+        return self.explain_scan_backend(device)[0]
+
+    def explain_scan_backend(self, device: torch.device | str | None = None) -> tuple[str, str]:
+        """(backend, why) of `resolved_scan_backend`: train and sample log both."""
         if not self.uses_ssm:
-            return "none"
+            return "none", "no S6 path (CNN-only or attention mixer)"
         if device is None:
             device = next(self.parameters()).device
-        return resolve_backend(self.scan_backend, torch.device(device))
+        return explain_csm_backend(self.scan_backend, torch.device(device))
 
     def check_input(self, x: torch.Tensor) -> None:
         """ValueError naming the expected shape; the diffusion and train layers call forward directly."""

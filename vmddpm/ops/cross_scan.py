@@ -22,16 +22,19 @@ input is float64), whatever the input dtype, as in mamba-ssm.
 
 Backends (`csm_scan(..., backend=...)`):
 - `ref`: the definition through `selective_scan_ref` on gathered sequences (readable, slow).
-- `pscan`, `cuda`: the same gathers around `selective_scan` with that S6 backend (any device; cuda =
-  mamba-ssm's kernel).
-- `cpu`: the fused numba kernel of `vmddpm.ops.scan_cpu` (reads the tokens through `idx`, fuses
-  the dt projection, softplus, D skip and the merge; parallel over batch).
-- `auto`: cpu on CPU tensors (numba importable), cuda on CUDA tensors (mamba-ssm importable), else
-  pscan.
+- `pscan`: the same gathers around the pure-PyTorch S6 scan (any device, memory-bounded).
+- `cpu`: the fused numba kernels of `vmddpm/ops/csm_kernels.py` (tokens read through `idx`; dt
+  projection, softplus, D skip and merge fused; parallel over batch x channel blocks).
+- `cuda`: mamba-ssm's CUDA selective scan fed and folded by the Triton cross-scan / cross-merge
+  kernels of `vmddpm/ops/csm_triton.py` (no torch copies or casts around it).
+- `triton`: the fused Triton scan of `vmddpm/ops/csm_triton.py` (a GPU without mamba-ssm).
+- `auto`: CPU tensors: cpu when numba imports, else pscan; CUDA tensors: cuda when mamba-ssm and
+  Triton import, else triton when Triton does, else pscan. `explain_csm_backend` says why.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -40,7 +43,7 @@ from vmddpm.ops import selective_scan as s6
 
 log = logging.getLogger(__name__)
 
-CSM_BACKENDS: tuple[str, ...] = ("ref", "pscan", "cpu", "cuda")
+CSM_BACKENDS: tuple[str, ...] = ("ref", "pscan", "cpu", "cuda", "triton")
 
 
 def _shape_error(name: str, expected: str, t: torch.Tensor) -> ValueError:
@@ -69,17 +72,54 @@ def _validate(u, x_dbl, dt_weight, dt_bias, A, D, idx) -> None:
         )
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_reason() -> str | None:
+    """None when the Triton kernels can be imported, else why not."""
+    try:
+        from vmddpm.ops import csm_triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a Triton without a usable backend
+        return f"Triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why CSM backend `name` cannot run on `device` (None when it can)."""
+    if name in ("ref", "pscan"):
+        return None
+    if name == "cpu":
+        return s6._unavailable_reason("cpu", device)
+    if name == "cuda":
+        return s6._unavailable_reason("cuda", device) or _triton_reason()
+    if name == "triton":
+        if device.type != "cuda":
+            return f"it runs on CUDA tensors only, got device {device}"
+        return _triton_reason()
+    return f"unknown backend; choose one of auto, {', '.join(CSM_BACKENDS)}"
+
+
+def explain_csm_backend(name: str, device: torch.device | str = "cpu") -> tuple[str, str]:
+    """(backend, why): the concrete backend `name` means on `device` and the reason, for the log line
+    of every run (`auto` names what it passed over and why)."""
+    dev = torch.device(device)
+    if name != "auto":
+        why = _unavailable_reason(name, dev)
+        if why is not None:
+            raise ValueError(f"csm_scan: backend {name!r} cannot run: {why}")
+        return name, f"{name}: chosen in model.scan_backend"
+    skipped = []
+    for cand in ("cpu", "pscan") if dev.type == "cpu" else ("cuda", "triton", "pscan"):
+        why = _unavailable_reason(cand, dev)
+        if why is None:
+            passed = f" ({'; '.join(skipped)})" if skipped else ""
+            return cand, f"auto on {dev.type}: {cand}{passed}"
+        skipped.append(f"not {cand}: {why}")
+    raise AssertionError("pscan always runs")
+
+
 def resolve_csm_backend(name: str, device: torch.device | str = "cpu") -> str:
     """The concrete backend `name` means on `device` (see the module docstring); ValueError naming the
     backend and why when an explicit one cannot run there."""
-    dev = torch.device(device)
-    if name == "auto":
-        return s6.resolve_backend("auto", dev)
-    if name not in CSM_BACKENDS:
-        raise ValueError(
-            f"csm_scan: backend {name!r}: unknown backend; choose one of auto, {', '.join(CSM_BACKENDS)}"
-        )
-    return s6.resolve_backend(name, dev)
+    return explain_csm_backend(name, device)[0]
 
 
 def csm_scan(
@@ -99,6 +139,14 @@ def csm_scan(
         from vmddpm.ops.csm_cpu import csm_scan_cpu
 
         return csm_scan_cpu(u, x_dbl, dt_weight, dt_bias, A, D, idx)
+    if name == "cuda":
+        from vmddpm.ops.csm_triton import csm_scan_mamba
+
+        return csm_scan_mamba(u, x_dbl, dt_weight, dt_bias, A, D, idx, s6._mamba_ssm_fn())
+    if name == "triton":
+        from vmddpm.ops.csm_triton import csm_scan_triton
+
+        return csm_scan_triton(u, x_dbl, dt_weight, dt_bias, A, D, idx)
     return csm_scan_gathered(u, x_dbl, dt_weight, dt_bias, A, D, idx, backend=name)
 
 

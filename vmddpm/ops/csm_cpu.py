@@ -1,0 +1,102 @@
+"""`csm_scan` on CPU: the fused numba kernels of `vmddpm/ops/csm_kernels.py` as an autograd op.
+
+The kernels compute in float32 (float64 when an input is float64); other input dtypes are cast once
+on the way in and the output once on the way out, as mamba-ssm does. Parallel over batch x channel
+blocks on numba's threads, sized to torch's intra-op pool (a Snakemake job given one thread keeps
+one thread).
+
+The tensors reach numba as numpy views of their memory made through ctypes rather than through
+`Tensor.numpy()`: the latter costs four dispatcher ops per tensor (detach, resolve_conj, ...), which
+over the ~40 CSM blocks of the paper-sized network was a third of a training step's op count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import torch
+
+from vmddpm.ops.selective_scan import _keep_torch_threads, _match_numba_threads
+
+CSM_CHUNK = 32
+"""Steps between the state checkpoints of the forward (a kernel tile, not a model knob): the
+backward recomputes at most this many steps per chunk and keeps their states and decays, 2 x CHUNK
+x N x BLOCK floats per thread (512 KiB at N = 16, BLOCK = 128), about a core's L2."""
+
+CSM_BLOCK = 128
+"""Channels per parallel unit: the vectorised inner loops run over a block, so longer is faster per
+update (0.49 against 0.95 ns at 64 channels, paper widths, one thread); halved while the batch alone
+leaves threads idle."""
+
+_CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double, torch.int64: ctypes.c_int64}
+
+
+def _blocks_for(batch: int, dim: int, threads: int) -> int:
+    """Channel block size: CSM_BLOCK, halved (down to 16) while batch x blocks leaves threads idle."""
+    blk = min(dim, CSM_BLOCK)
+    while blk > 16 and batch * -(-dim // blk) < threads:
+        blk //= 2
+    return blk
+
+
+def _as_array(t: torch.Tensor, dtype: torch.dtype) -> tuple[np.ndarray, torch.Tensor]:
+    """A numpy view of `t` as a contiguous `dtype` tensor, and the tensor that owns the memory (keep it
+    alive as long as the view). Converts only when needed."""
+    if t.dtype != dtype or not t.is_contiguous():
+        t = t.detach().to(dtype).contiguous()
+    if t.numel() == 0:
+        return np.zeros(tuple(t.shape), dtype=np.float64 if dtype == torch.float64 else np.float32), t
+    ptr = ctypes.cast(t.data_ptr(), ctypes.POINTER(_CTYPES[dtype]))
+    return np.ctypeslib.as_array(ptr, shape=tuple(t.shape)), t
+
+
+class _CsmScanCpu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, x_dbl, dt_weight, dt_bias, A, D, idx):  # type: ignore[override]
+        from vmddpm.ops import csm_kernels
+
+        floats = (u, x_dbl, dt_weight, dt_bias, A, D)
+        cdt = torch.float64 if any(t.dtype == torch.float64 for t in floats) else torch.float32
+        views = [_as_array(t, cdt) for t in floats]
+        idx_np, idx_t = _as_array(idx, torch.int64)
+        threads = _match_numba_threads()
+        blk = _blocks_for(u.shape[0], u.shape[2], threads)
+        arrays = (*(a for a, _ in views), idx_np)
+        y, ckpt = csm_kernels.csm_fwd(*arrays, CSM_CHUNK, blk)
+        _keep_torch_threads(threads)
+        # the memory behind `arrays`; saved (not just kept) so that autograd refuses a backward
+        # after any of them was modified in place
+        ctx.save_for_backward(*(t for _, t in views), idx_t)
+        ctx.arrays, ctx.ckpt, ctx.blk, ctx.cdt = arrays, ckpt, blk, cdt
+        ctx.dtypes = tuple(t.dtype for t in floats)
+        out = torch.from_numpy(y)
+        return out if u.dtype == cdt else out.to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        from vmddpm.ops import csm_kernels
+
+        ctx.saved_tensors  # noqa: B018 - the version check of the arrays' tensors
+        gy_np, _gy = _as_array(gy, ctx.cdt)
+        threads = _match_numba_threads()
+        grads = csm_kernels.csm_bwd(*ctx.arrays, ctx.ckpt, gy_np, CSM_CHUNK, ctx.blk)
+        _keep_torch_threads(threads)
+        out = []
+        for g, dtype in zip(grads, ctx.dtypes, strict=True):
+            t = torch.from_numpy(g)
+            out.append(t if dtype == ctx.cdt else t.to(dtype))
+        return (*out, None)
+
+
+def csm_scan_cpu(
+    u: torch.Tensor,
+    x_dbl: torch.Tensor,
+    dt_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    idx: torch.Tensor,
+) -> torch.Tensor:
+    """`csm_scan` with the fused CPU kernels (CPU tensors; shapes checked by the caller)."""
+    return _CsmScanCpu.apply(u, x_dbl, dt_weight, dt_bias, A, D, idx)
