@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import TINY
 from vmddpm.errors import UserError
-from vmddpm.nn.registry import build_model, count_parameters
+from vmddpm.nn.registry import build_model, count_parameters, model_signature
 from vmddpm.nn.scan2d import SR_MODES, SS2D, cross_merge, cross_scan, scan_indices, sr_permutation
 from vmddpm.nn.vmunet import VMUNet
 
@@ -214,3 +214,55 @@ def test_both_paths_off_is_a_user_error(make_cfg) -> None:
     cfg = make_cfg(*TINY, "model.cnn_path=false", "model.ssm_path=false")
     with pytest.raises(UserError, match=r"presets\.vmddpm.*switch at least one on"):
         build_model(cfg, "vmddpm")
+
+
+def _grads(model, x, t):
+    model.zero_grad(set_to_none=True)
+    torch.nn.functional.mse_loss(model(x, t), x).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_gives_the_same_gradients(make_cfg) -> None:
+    """model.checkpointing recomputes each SSLayer in the backward: the same numbers, less memory."""
+    cfg = make_cfg(*TINY, "model.dropout=0.1")  # dropout too: its mask must be replayed exactly
+    torch.manual_seed(0)
+    plain = build_model(cfg, "vmddpm")
+    torch.nn.init.normal_(plain.out[-1].weight, std=0.1)
+    ckpt = build_model(make_cfg(*TINY, "model.dropout=0.1", "model.checkpointing=true"), "vmddpm")
+    ckpt.load_state_dict(plain.state_dict())
+    assert all(layer.checkpointing for layer in ckpt.modules() if hasattr(layer, "checkpointing"))
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 900])
+    torch.manual_seed(1)
+    g_plain = _grads(plain, x, t)
+    torch.manual_seed(1)
+    g_ckpt = _grads(ckpt, x, t)
+    scale = max(float(g.abs().max()) for g in g_plain.values())
+    for name, g in g_plain.items():  # shared inputs (the time embedding) sum in another order
+        torch.testing.assert_close(g_ckpt[name], g, rtol=1e-5, atol=1e-6 * scale, msg=name)
+    with torch.no_grad():  # sampling runs without recomputation
+        torch.testing.assert_close(ckpt(x, t), plain(x, t))
+
+
+def test_checkpointing_is_not_part_of_the_model_signature(make_cfg) -> None:
+    """A run may switch it on or off on resume: it changes memory, never the weights."""
+    a = model_signature(make_cfg(*TINY), "vmddpm")
+    b = model_signature(make_cfg(*TINY, "model.checkpointing=true"), "vmddpm")
+    assert a == b
+
+
+@pytest.mark.gpu
+def test_deterministic_mode_trains_on_cuda(tiny_cfg) -> None:
+    """train.deterministic on a GPU: every op of forward + backward has a deterministic CUDA kernel
+    (the pooled MSS levels used adaptive pooling, whose backward has none)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.use_deterministic_algorithms(True)
+    try:
+        model = build_model(tiny_cfg, "vmddpm").cuda()
+        torch.nn.init.normal_(model.out[-1].weight, std=0.1)
+        x = torch.randn(2, 1, 32, 32, device="cuda")
+        runs = [_grads(model, x, torch.tensor([5, 600], device="cuda")) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name, g in runs[0].items():
+        assert torch.equal(g, runs[1][name]), name

@@ -108,14 +108,12 @@ class MSSBlock(nn.Module):
         outs = []
         for k in range(self.levels):
             xk = x if k == 0 else _pool(x, 2**k)
-            for path in (self.cnn, self.mix):
-                if path is None:
-                    continue
-                y = path[k](xk)
-                if k:
-                    y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
-                outs.append(y)
-        return x + self.fuse(torch.cat(outs, dim=1))
+            ys = [path[k](xk) for path in (self.cnn, self.mix) if path is not None]
+            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+            if k:  # one upsampling of the level's branches together (bilinear is per channel)
+                y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+            outs.append(y)
+        return x + self.fuse(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
 
 
 class SSLayer(nn.Module):
@@ -140,7 +138,8 @@ class SSLayer(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, out_ch)
         self.norm2 = group_norm(out_ch)
-        self.dropout = nn.Dropout(dropout)
+        # p = 0 (the paper preset) is no layer at all: nn.Dropout(0) still draws a mask every step
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.mss = MSSBlock(out_ch, **mss)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 

@@ -29,7 +29,9 @@ Backends (`csm_scan(..., backend=...)`):
   kernels of `vmddpm/ops/csm_triton.py` (no torch copies or casts around it).
 - `triton`: the fused Triton scan of `vmddpm/ops/csm_triton.py` (a GPU without mamba-ssm).
 - `auto`: CPU tensors: cpu when numba imports, else pscan; CUDA tensors: cuda when mamba-ssm and
-  Triton import, else triton when Triton does, else pscan. `explain_csm_backend` says why.
+  Triton import (and `torch.use_deterministic_algorithms` is off: mamba-ssm's backward sums dB,
+  dC with atomics), else triton when Triton does, else pscan. `explain_csm_backend` says why.
+  Every backend but `cuda` is deterministic.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
     if name == "cpu":
         return s6._unavailable_reason("cpu", device)
     if name == "cuda":
+        if torch.are_deterministic_algorithms_enabled():
+            return "deterministic mode is on and mamba-ssm's backward adds with atomics (use triton)"
         return s6._unavailable_reason("cuda", device) or _triton_reason()
     if name == "triton":
         if device.type != "cuda":

@@ -65,10 +65,11 @@ class _CsmScanCpu(torch.autograd.Function):
         arrays = (*(a for a, _ in views), idx_np)
         y, ckpt = csm_kernels.csm_fwd(*arrays, CSM_CHUNK, blk)
         _keep_torch_threads(threads)
-        # the memory behind `arrays`; saved (not just kept) so that autograd refuses a backward
-        # after any of them was modified in place
-        ctx.save_for_backward(*(t for _, t in views), idx_t)
-        ctx.arrays, ctx.ckpt, ctx.blk, ctx.cdt = arrays, ckpt, blk, cdt
+        # Everything the backward reads goes through save_for_backward, never as arrays kept on ctx:
+        # under activation checkpointing the saved tensors are dropped after the forward and
+        # recomputed for the backward (new memory), and autograd's version check guards in-place edits.
+        ctx.save_for_backward(*(t for _, t in views), idx_t, torch.from_numpy(ckpt))
+        ctx.blk, ctx.cdt = blk, cdt
         ctx.dtypes = tuple(t.dtype for t in floats)
         out = torch.from_numpy(y)
         return out if u.dtype == cdt else out.to(u.dtype)
@@ -77,10 +78,13 @@ class _CsmScanCpu(torch.autograd.Function):
     def backward(ctx, gy):  # type: ignore[override]
         from vmddpm.ops import csm_kernels
 
-        ctx.saved_tensors  # noqa: B018 - the version check of the arrays' tensors
+        *floats, idx_t, ckpt = ctx.saved_tensors
+        arrays = [_as_array(t, ctx.cdt)[0] for t in floats]
         gy_np, _gy = _as_array(gy, ctx.cdt)
         threads = _match_numba_threads()
-        grads = csm_kernels.csm_bwd(*ctx.arrays, ctx.ckpt, gy_np, CSM_CHUNK, ctx.blk)
+        grads = csm_kernels.csm_bwd(
+            *arrays, _as_array(idx_t, torch.int64)[0], _as_array(ckpt, ctx.cdt)[0], gy_np, CSM_CHUNK, ctx.blk
+        )
         _keep_torch_threads(threads)
         out = []
         for g, dtype in zip(grads, ctx.dtypes, strict=True):
