@@ -72,12 +72,14 @@ def _scan_dim0(
     """h_t = a_t * h_{t-1} + x_t along dim 0 of (T, M) tensors, h_{-1} = 0, without autograd
     (`reverse`: h_t = a_t * h_{t+1} + x_t, h_T = 0). With `inplace`, x may be overwritten by h.
 
-    Recursive tiled scan: split T into tiles of `tile` steps; a sequential pass runs inside all tiles
-    at once (tile - 1 steps, each over T/tile * M elements) giving tile-local states and the running
-    products of the decays; the true tile-boundary states are the same scan over the T/tile tile
-    boundaries (recursion); one multiply-add then carries them into every tile. About
-    2 * tile * log_tile(T) tensor ops per call, ~3 passes over the data. Only products of the a_t
-    appear (no division, no exp(-cumsum)), so with 0 <= a_t <= 1 every factor is <= 1: stable.
+    Recursive tiled scan: split T into tiles of `tile` steps. Pass 1 runs the recurrence inside all
+    tiles at once from a zero state (tile - 1 steps, each over T/tile * M elements), keeping only
+    the running state (the tile's last state) and, in one reduction, the product of each tile's
+    decays; the true state at each tile's end is the same scan over the T/tile tiles (recursion).
+    Pass 2 adds the carried-in state to each tile's first step and runs the recurrence again, in
+    place. About 2 * tile * log_tile(T) tensor ops per call and ~6 passes over (T, M) data (a three
+    times, x twice, h once), no (T, M) temporaries. Only products of the a_t appear (no division, no
+    exp(-cumsum)), so with 0 <= a_t <= 1 every factor is <= 1: numerically stable.
     """
     length, m = x.shape
     nc = -(-length // tile)
@@ -94,21 +96,17 @@ def _scan_dim0(
     if pad:
         a = torch.cat([a, a.new_ones(pad, m)])
     a3, h3 = a.view(nc, tile, m), h.view(nc, tile, m)
-    prod = torch.empty_like(a3)
+    first, order, prev = (tile - 1, range(tile - 2, -1, -1), 1) if reverse else (0, range(1, tile), -1)
+    run = h3[:, first].clone()  # pass 1: each tile from a zero state, keeping only the running state
+    for k in order:
+        torch.addcmul(h3[:, k], a3[:, k], run, out=run)
+    ends = _scan_dim0(torch.prod(a3, 1), run, tile, reverse, inplace=True)  # true tile-end states
     if reverse:
-        prod[:, -1] = a3[:, -1]
-        for k in range(tile - 2, -1, -1):
-            h3[:, k].addcmul_(a3[:, k], h3[:, k + 1])
-            torch.mul(a3[:, k], prod[:, k + 1], out=prod[:, k])
-        starts = _scan_dim0(prod[:, 0].contiguous(), h3[:, 0].contiguous(), tile, True, True)
-        h3[:-1].addcmul_(prod[:-1], starts[1:].unsqueeze(1))
+        h3[:-1, -1].addcmul_(a3[:-1, -1], ends[1:])
     else:
-        prod[:, 0] = a3[:, 0]
-        for k in range(1, tile):
-            h3[:, k].addcmul_(a3[:, k], h3[:, k - 1])
-            torch.mul(a3[:, k], prod[:, k - 1], out=prod[:, k])
-        ends = _scan_dim0(prod[:, -1].contiguous(), h3[:, -1].contiguous(), tile, False, True)
-        h3[1:].addcmul_(prod[1:], ends[:-1].unsqueeze(1))
+        h3[1:, 0].addcmul_(a3[1:, 0], ends[:-1])
+    for k in order:  # pass 2: the recurrence again, from the true states
+        h3[:, k].addcmul_(a3[:, k], h3[:, k + prev])
     return h[:length]
 
 
@@ -126,7 +124,7 @@ def _groups(m: torch.Tensor, dim: int) -> int:
 class _Plan:
     """What every chunk shares: shapes, the layout groups, A in the layout, the compute dtype."""
 
-    def __init__(self, inp: tuple, softplus: bool):
+    def __init__(self, inp: tuple, softplus: bool, chunk: int):
         u, _, A, B, C, D, _, delta_bias = inp
         self.cdt = compute_dtype(*inp)
         self.batch, self.dim, self.length = u.shape
@@ -138,6 +136,17 @@ class _Plan:
         self.D = None if D is None else D.to(self.cdt)[:, None]
         self.bias = None if delta_bias is None else delta_bias.to(self.cdt)[:, None]
         self.softplus = softplus
+        self.rows = min(chunk, self.length) + 1
+        self.device = u.device
+        self._ws: dict[str, torch.Tensor] = {}
+
+    def buf(self, name: str, rows: int) -> torch.Tensor:
+        """A (rows, batch, G, N, dim/G) workspace, allocated once per forward/backward and reused by
+        every chunk (fresh chunk-sized allocations would page-fault, or churn a caching allocator)."""
+        if name not in self._ws:
+            shape = (self.rows, self.batch, self.G, self.n, self.dg)
+            self._ws[name] = torch.empty(shape, dtype=self.cdt, device=self.device)
+        return self._ws[name][:rows]
 
     def to_layout(self, t: torch.Tensor) -> torch.Tensor:
         """(..., dim, N) -> (..., G, N, dim/G), contiguous."""
@@ -176,7 +185,7 @@ class _Chunk:
 
     def __init__(self, p: _Plan, inp: tuple, s: int, e: int, h0: torch.Tensor):
         u, delta, _, B, C, _, _, _ = inp
-        T, batch, G, n, dg = e - s, p.batch, p.G, p.n, p.dg
+        T, batch, G, dg = e - s, p.batch, p.G, p.dg
         self.p, self.s, self.e, self.h0 = p, s, e, h0
         dtr = delta[..., s:e].to(p.cdt)
         if p.bias is not None:
@@ -190,10 +199,10 @@ class _Chunk:
         self.Bt, self.Ct = p.bc(B, s, e), p.bc(C, s, e)  # (T, batch, G, N)
         # decays a_t = exp(dt_t A) in rows 0..T-1 of a (T+1)-row buffer: rows 1..T are then the
         # decays shifted by one step, which the backward's reverse scan needs (row T set to 0 there).
-        self.abuf = h0.new_empty(T + 1, batch, G, n, dg)
+        self.abuf = p.buf("a", T + 1)
         a = self.abuf[:T]
         torch.mul(self.dt_t.view(T, batch, G, 1, dg), p.A, out=a).exp_()
-        x = torch.mul(self.dtu_t.view(T, batch, G, 1, dg), self.Bt.unsqueeze(-1))
+        x = torch.mul(self.dtu_t.view(T, batch, G, 1, dg), self.Bt.unsqueeze(-1), out=p.buf("x", T))
         x[0].addcmul_(a[0], h0)
         m = h0.numel()
         self.h = _scan_dim0(a.view(T, m), x.view(T, m), inplace=True).view(x.shape)
@@ -225,7 +234,7 @@ class _PScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool, chunk: int):
         inp = (u, delta, A, B, C, D, z, delta_bias)
-        p = _Plan(inp, softplus)
+        p = _Plan(inp, softplus, chunk)
         nc = -(-p.length // chunk)
         out = torch.empty_like(u, memory_format=torch.contiguous_format)
         starts = u.new_empty(nc, p.batch, p.G, p.n, p.dg, dtype=p.cdt)  # the state before each chunk
@@ -266,7 +275,7 @@ def _zeros_grad(t: torch.Tensor | None, need: bool, cdt: torch.dtype) -> torch.T
 
 def _backward(inp, starts, dout, dlast, softplus, chunk, need):
     _, _, A, B, C, D, z, delta_bias = inp
-    p = _Plan(inp, softplus)
+    p = _Plan(inp, softplus, chunk)
     cdt, batch, G, n, dg = p.cdt, p.batch, p.G, p.n, p.dg
     du, ddelta, dA, dB, dC, dD, dz, dbias = (_zeros_grad(t, w, cdt) for t, w in zip(inp, need, strict=False))
     # dL/dh at the last step of the current chunk from the steps after it (at L - 1: dlast)
@@ -293,9 +302,9 @@ def _backward(inp, starts, dout, dlast, softplus, chunk, need):
             dy_t = do.permute(2, 0, 1).contiguous()  # (T, batch, dim)
             if dC is not None:
                 p.store_bc_grad(dC, c.reduce_n(dy_t, h), s, e)
-            g = torch.mul(dy_t.view(T, batch, G, 1, dg), c.Ct.unsqueeze(-1))  # dL/dh_t via y_t alone
+            g = torch.mul(dy_t.view(T, batch, G, 1, dg), c.Ct.unsqueeze(-1), out=p.buf("g", T))  # via y_t
         else:
-            g = torch.zeros_like(h)
+            g = p.buf("g", T).zero_()
         if carry is not None:
             g[-1] += carry
         # g_t = dL/dh_t + a_{t+1} g_{t+1}: the reverse scan, with the decays shifted by one step.
@@ -312,7 +321,7 @@ def _backward(inp, starts, dout, dlast, softplus, chunk, need):
         q[-1] = a0.mul_(c.h0).mul_(g[0])
         if dA is not None:
             dt_roll = torch.roll(c.dt_t, -1, 0).view(T, batch, G, 1, dg)
-            dA += p.from_layout((q * dt_roll).sum((0, 1)))
+            dA += p.from_layout(torch.mul(q, dt_roll, out=p.buf("t", T)).sum((0, 1)))
         ddt_t = torch.roll(q.mul_(p.A).sum(3).view(T, batch, p.dim), 1, 0)  # through the decays
         del q, a_next
         c.abuf = None
