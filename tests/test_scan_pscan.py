@@ -97,7 +97,7 @@ def test_gradient_through_only_one_output(use_out, use_last, monkeypatch) -> Non
 
 
 def test_inputs_that_need_no_gradient(monkeypatch) -> None:
-    """A, D and delta_bias frozen (no gradient buffers for them): the other gradients are unchanged."""
+    """A, B, D and delta_bias frozen (no gradient buffers for them): the others are unchanged."""
     x = _inputs(2, 4, 11, 3, seed=6)
     for k in ("A", "D", "delta_bias", "B"):
         x[k] = x[k].detach()
@@ -111,6 +111,18 @@ def test_strong_decay_over_many_chunks(monkeypatch) -> None:
         x["delta"].mul_(40.0)
         x["A"].mul_(20.0)
     _assert_equal_to_ref(x, ("u", "delta", "A", "B", "C"), 16, monkeypatch)
+
+
+def test_non_contiguous_inputs(monkeypatch) -> None:
+    """Inputs that are views with other strides (as a layout change upstream leaves them)."""
+    x = _inputs(2, 4, 19, 3, bc=(2, "var"), seed=9)
+
+    def strided(t):  # same values, stored transposed
+        return t.detach().transpose(0, -1).contiguous().transpose(0, -1).requires_grad_()
+
+    x = {k: strided(v) if v.dim() >= 3 else v for k, v in x.items()}
+    assert not x["u"].is_contiguous() and not x["B"].is_contiguous()
+    _assert_equal_to_ref(x, ALL_KEYS, 5, monkeypatch, delta_softplus=True)
 
 
 # -------------------------------------------------------------------------------- memory bound
@@ -134,6 +146,13 @@ def test_forward_keeps_only_its_inputs_and_the_chunk_start_states(monkeypatch) -
     assert sum(t.numel() for t in extra) == n_chunks * batch * dim * n, [tuple(t.shape) for t in extra]
     y.sum().backward()
     assert all(t.grad is not None for t in x.values())
+
+
+def test_default_chunk_per_device() -> None:
+    """PSCAN_CHUNK on CPU (measured there); PSCAN_CHUNK_ACCEL on devices where every op is a launch."""
+    assert scan_pscan.default_chunk(torch.device("cpu")) == scan_pscan.PSCAN_CHUNK
+    assert scan_pscan.default_chunk(torch.device("cuda")) == scan_pscan.PSCAN_CHUNK_ACCEL
+    assert scan_pscan.PSCAN_CHUNK_ACCEL >= scan_pscan.PSCAN_CHUNK
 
 
 # ------------------------------------------------------------------------------------- autocast
@@ -198,8 +217,8 @@ def test_mixed_precision_meets_mamba_tolerances(itype, seqlen, groups, variable)
     tenths of a percent in dA), its gradients rounded to each input's dtype as autograd does for
     mamba's ref. seqlen: mamba's list (128 ... 4096, groups 1 and 2), plus 372 with constant (dim, N)
     B and C (its is_variable_B/C = False) and 1134, both from its longer commented-out list: with the
-    default `PSCAN_CHUNK`, lengths within one chunk, ending exactly at a chunk boundary, and 1134 ending
-    in a partial chunk."""
+    default `PSCAN_CHUNK` (128), mamba's lengths end exactly at a chunk boundary, 372 and 1134 inside
+    a partial chunk."""
     rtol, atol, rtolw, atolw = _mamba_tolerances(itype)
     g = torch.Generator().manual_seed(0)
     batch, dim, dstate = 2, 4, 8

@@ -7,15 +7,16 @@ It computes the whole S6 op of `selective_scan` (see that module for the definit
 
 as one autograd function with an analytic backward.
 
-Memory. The sequence is cut into chunks of `PSCAN_CHUNK` steps. The forward keeps only its inputs
-(as given, no casts or copies) and the (batch, dim, N) state at the start of each chunk; the
-(L, batch, dim, N) states never exist at once. The backward walks the chunks in reverse: it
-recomputes the chunk's states from its start state, runs the gradient recurrence
-g_t = dL/dh_t + exp(dt_{t+1} A) g_{t+1} backwards through the chunk (the analytic reverse scan: no
-autograd graph over L), and hands exp(dt_s A) g_s of the chunk's first step s on to the chunk before
-it. So the working set is O(chunk * batch * dim * N) beside the outputs and gradients themselves,
-whatever L is (one forward + one recomputation: ~1.5x the arithmetic of a scan that keeps every
-state, which the smaller working set mostly pays back in cache and allocator traffic on CPU).
+Memory. The sequence is cut into chunks of `PSCAN_CHUNK` steps (`PSCAN_CHUNK_ACCEL` off the CPU).
+The forward keeps only its inputs (as given, no casts or copies) and the (batch, dim, N) state at
+the start of each chunk; the (L, batch, dim, N) states never exist at once. The backward walks the
+chunks in reverse: it recomputes the chunk's states from its start state, runs the gradient
+recurrence g_t = dL/dh_t + exp(dt_{t+1} A) g_{t+1} backwards through the chunk (the analytic reverse
+scan: no autograd graph over L), and hands exp(dt_s A) g_s of the chunk's first step s on to the
+chunk before it. So the working set is a few (chunk, batch, dim, N) buffers beside the output and
+the input gradients, whatever L is. The price is one recomputation of the states (a second forward
+scan inside the backward); on CPU the small working set more than pays it back (cache, no page
+faults): see benchmarks/bench_pscan_memory.py.
 
 Within a chunk the linear recurrence runs as a recursive tiled scan (`_scan_dim0`): a few dozen
 large tensor ops per chunk instead of one small op per step.
@@ -34,16 +35,32 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-PSCAN_CHUNK = 512
-"""Steps per chunk of the memory-bounded scan (an implementation tile, not a model knob).
+PSCAN_CHUNK = 128
+"""Steps per chunk on CPU (an implementation tile, not a model knob); other devices: PSCAN_CHUNK_ACCEL.
 
-Working memory grows linearly with it: about 6 chunk-sized (chunk, batch, dim, N) buffers in the
-backward, i.e. 6 * chunk * N / L of one (batch, dim, L) tensor; time falls as it grows (fewer, larger
-tensor ops) until ~256-512 and is flat beyond. Chosen by `benchmarks/bench_pscan_memory.py`
-(results/benchmarks/pscan_memory.json, chunk sweep at b1 d512 L16384 N16 fp32 on CPU): 512 is within a
-few percent of the fastest chunk while its working set (~6 * 512 * 16 / 16384 = 3x one (b, d, L)
-tensor at that shape) keeps the whole forward+backward under the 16x target with room to spare.
+Working memory is ~4 (chunk + 1, batch, dim, N) buffers (allocated once per forward/backward and
+reused by every chunk), i.e. ~4 * chunk * N / L of one (batch, dim, L) tensor, beside the input
+gradients. Chosen by `benchmarks/bench_pscan_memory.py` (results/benchmarks/pscan_memory.json; b1
+d512 L16384 N16, fp32, forward+backward, one thread on a shared 2-core EPYC), chunks of 64 / 128 /
+256 / 512 / 1024 / 2048 steps: peak 3.0 / 3.3 / 4.0 / 5.5 / 7.8 / 13.8x one (b, d, L) tensor above the
+inputs, CPU time 1.35 / 1.38 / 1.46 / 1.71 / 1.85 / 1.84 s (buffers beyond ~4 MiB outgrow the
+caches). 128 is as fast and nearly as small as 64 with half its tensor ops.
 """
+
+PSCAN_CHUNK_ACCEL = 1024
+"""Steps per chunk on any device but the CPU (CUDA, MPS, ...): larger, because there every tensor op
+is a kernel launch of a few microseconds and a chunk costs ~170-270 of them whatever its length:
+forward + backward at L16384 takes ~4,300 ops at 1024, ~23,000 at 128 and 261 for the unchunked scan
+before (counted by the benchmark, `ops_per_step`). Its working memory, ~4 * 1024 * N / L of one
+(batch, dim, L) tensor, is 4x at L16384 N16 (7.8x peak in the CPU sweep). Not yet timed on a GPU:
+measure with `bench_pscan_memory.py --device cuda --chunks ...` before trusting it.
+"""
+
+
+def default_chunk(device: torch.device) -> int:
+    """PSCAN_CHUNK on CPU, PSCAN_CHUNK_ACCEL elsewhere (read at call time, so tests can patch them)."""
+    return PSCAN_CHUNK if device.type == "cpu" else PSCAN_CHUNK_ACCEL
+
 
 _TILE = 16
 """Tile of the recursive scan inside a chunk (`_scan_dim0`): ~2 * tile * log_tile(chunk) tensor ops
@@ -362,9 +379,9 @@ def selective_scan_pscan(
     chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The S6 op (inputs already validated by `selective_scan`): `(out, last_state)`, out in u's dtype,
-    last_state (batch, dim, N) in the compute dtype. `chunk` (default `PSCAN_CHUNK`) is read at call
-    time, so that tests can make it small."""
-    chunk = PSCAN_CHUNK if chunk is None else int(chunk)
+    last_state (batch, dim, N) in the compute dtype. `chunk`: steps per chunk, by default
+    `default_chunk(u.device)`."""
+    chunk = default_chunk(u.device) if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"selective_scan_pscan: chunk must be >= 1, got {chunk}")
     with no_autocast(u.device):
