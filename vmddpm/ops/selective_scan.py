@@ -20,7 +20,8 @@ exact and not hopelessly slow. Every backend is checked against `ref` in `tests/
 (outputs and gradients of every input).
 
 - `ref`: sequential loop, the readable definition (slow; the oracle).
-- `pscan`: pure PyTorch chunked parallel scan with its own backward; runs on any torch device.
+- `pscan`: pure PyTorch, any torch device: the whole op as one function, chunked over L with
+  recomputation in its backward, so its memory does not grow with L (`vmddpm.ops.scan_pscan`).
 - `cpu`: fused numba kernel (parallel over batch x dim) with its own backward; CPU tensors only.
 - `cuda`: mamba-ssm's `selective_scan_fn`; CUDA tensors with `mamba_ssm` importable.
 - `auto`: cuda -> cpu -> pscan, the first that can run on the tensors' device.
@@ -36,6 +37,8 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from vmddpm.ops.scan_pscan import no_autocast, selective_scan_pscan
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +207,12 @@ def selective_scan(
     if name == "cuda":
         fn = _mamba_ssm_fn()
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "pscan":  # the whole op, fused and chunked: vmddpm/ops/scan_pscan.py
+        out, last = selective_scan_pscan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return (out, last) if return_last_state else out
 
-    # pscan / cpu: the backend computes the core scan y_t = <C_t, x_t>; the cheap (batch, dim, L)
-    # parts around it (delta bias/softplus, D skip, z gate, dtype casts) are plain torch + autograd.
+    # cpu: the backend computes the core scan y_t = <C_t, x_t>; the cheap (batch, dim, L) parts
+    # around it (delta bias/softplus, D skip, z gate, dtype casts) are plain torch + autograd.
     cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
     batch, dim, length = u.shape
@@ -249,7 +255,17 @@ def selective_scan_ref(
     delta_softplus: bool = False,
     return_last_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The readable definition: mamba-ssm's `selective_scan_ref`, step by step (slow, exact, autograd)."""
+    """The readable definition: mamba-ssm's `selective_scan_ref`, step by step (slow, exact, autograd).
+
+    Autocast is off inside: every step (softplus, the einsums, the C contraction, D, z) runs in the
+    compute dtype and the output is rounded once, to u's dtype; the z gate is computed in it too
+    (mamba-ssm's own reference computes silu(z) in z's dtype, its CUDA kernel in float32).
+    """
+    with no_autocast(u.device):
+        return _ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def _ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
     cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
     u, delta, A = u.to(cdt), delta.to(cdt), A.to(cdt)
@@ -265,103 +281,17 @@ def selective_scan_ref(
     delta_b_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u)
     x = u.new_zeros(batch, dim, A.shape[1])
     ys = []
-    for i in range(length):
-        x = delta_a[:, :, i] * x + delta_b_u[:, :, i]
-        ys.append(torch.einsum("bdn,bdn->bd", x, C[:, :, :, i]))
+    # unbind, not indexing per step: its backward stacks the L step gradients once, where L index
+    # backwards would each materialise a full-size zero gradient (quadratic in L)
+    for da, dbu, c in zip(delta_a.unbind(2), delta_b_u.unbind(2), C.unbind(3), strict=True):
+        x = da * x + dbu
+        ys.append(torch.einsum("bdn,bdn->bd", x, c))
     y = torch.stack(ys, dim=2) if ys else u.new_zeros(batch, dim, 0)
     out = y if D is None else y + u * D.to(cdt)[:, None]
     if z is not None:
         out = out * F.silu(z.to(cdt))
     out = out.to(dtype_in)
     return (out, x) if return_last_state else out
-
-
-# ------------------------------------------------------------------------------------------- pscan
-def _scan_dim0(a: torch.Tensor, x: torch.Tensor, chunk: int, reverse: bool = False) -> torch.Tensor:
-    """h_t = a_t * h_{t-1} + x_t along dim 0 of (L, M) tensors, h_{-1} = 0, without autograd
-    (`reverse`: h_t = a_t * h_{t+1} + x_t, h_L = 0, which the backward needs).
-
-    Recursive chunked scan: split L into chunks of `chunk` steps; a sequential pass runs inside all
-    chunks at once (chunk - 1 steps, each over L/chunk * M elements) giving chunk-local states and
-    the running products of the decays; the true chunk-boundary states are the same scan over the
-    L/chunk chunk boundaries (recursion); one multiply-add then carries them into every chunk.
-    About 2 * chunk * log_chunk(L) tensor ops per call (~50 at L = 4096): little per-op overhead,
-    ~3 passes over the data. Only products of the a_t appear (no division, no exp(-cumsum)), so
-    with 0 <= a_t <= 1 every factor is <= 1: numerically stable.
-    """
-    length, m = x.shape
-    nc = -(-length // chunk)
-    pad = nc * chunk - length
-    h = torch.cat([x, x.new_zeros(pad, m)]) if pad else x.clone()
-    if nc <= 1:
-        steps = range(length - 2, -1, -1) if reverse else range(1, length)
-        for t in steps:
-            h[t].addcmul_(a[t], h[t + 1 if reverse else t - 1])
-        return h[:length]
-    if pad:
-        a = torch.cat([a, a.new_ones(pad, m)])
-    a3, h3 = a.view(nc, chunk, m), h.view(nc, chunk, m)
-    prod = torch.empty_like(a3)
-    if reverse:
-        prod[:, -1] = a3[:, -1]
-        for k in range(chunk - 2, -1, -1):
-            h3[:, k].addcmul_(a3[:, k], h3[:, k + 1])
-            torch.mul(a3[:, k], prod[:, k + 1], out=prod[:, k])
-        starts = _scan_dim0(prod[:, 0].contiguous(), h3[:, 0].contiguous(), chunk, reverse=True)
-        h3[:-1].addcmul_(prod[:-1], starts[1:].unsqueeze(1))
-    else:
-        prod[:, 0] = a3[:, 0]
-        for k in range(1, chunk):
-            h3[:, k].addcmul_(a3[:, k], h3[:, k - 1])
-            torch.mul(a3[:, k], prod[:, k - 1], out=prod[:, k])
-        ends = _scan_dim0(prod[:, -1].contiguous(), h3[:, -1].contiguous(), chunk)
-        h3[1:].addcmul_(prod[1:], ends[:-1].unsqueeze(1))
-    return h[:length]
-
-
-PSCAN_CHUNK = 16
-"""Chunk length of the pure-PyTorch scan (an implementation tile size, not a model knob)."""
-
-
-class _LinearScan(torch.autograd.Function):
-    """h = scan(a, x) along dim 0 with an analytic backward: the gradient of a linear recurrence is
-    the same recurrence run backwards, g_t = dL/dh_t + a_{t+1} g_{t+1}; then dx = g and
-    da_t = g_t h_{t-1}. No autograd graph over the L steps, so memory stays O(L * M)."""
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        h = _scan_dim0(a, x, PSCAN_CHUNK)
-        ctx.save_for_backward(a, h)
-        return h
-
-    @staticmethod
-    def backward(ctx, gh: torch.Tensor):
-        a, h = ctx.saved_tensors
-        a_next = torch.cat([a[1:], a.new_zeros(1, a.shape[1])])
-        g = _scan_dim0(a_next, gh, PSCAN_CHUNK, reverse=True)
-        ga = torch.zeros_like(a)
-        torch.mul(g[1:], h[:-1], out=ga[1:])
-        return ga, g
-
-
-def _pscan_core(u, dt, A, Bg, Cg):
-    """Core scan in pure PyTorch (any device): build decays a = exp(dt A) and inputs x = dt B u as
-    (L, batch, dim, N), scan them with `_LinearScan`, contract with C. Time leads the layout so that
-    the chunked scan's slices are contiguous."""
-    batch, dim, length = u.shape
-    n = A.shape[1]
-    gb, gc = Bg.shape[1], Cg.shape[1]
-    dt_l = dt.permute(2, 0, 1).contiguous()  # (L, batch, dim)
-    a = torch.exp(dt_l.unsqueeze(-1) * A)  # (L, batch, dim, N)
-    dtu = (dt_l * u.permute(2, 0, 1)).view(length, batch, gb, dim // gb, 1)
-    x = dtu * Bg.permute(3, 0, 1, 2).unsqueeze(3)  # (L, batch, gb, dim/gb, N)
-    m = batch * dim * n
-    h = _LinearScan.apply(a.reshape(length, m), x.reshape(length, m))
-    h = h.view(length, batch, gc, dim // gc, n)
-    c_l = Cg.permute(3, 0, 1, 2).unsqueeze(-1)  # (L, batch, gc, N, 1)
-    y = (h @ c_l).squeeze(-1).reshape(length, batch, dim).permute(1, 2, 0)  # batched matvec
-    last = h[-1].reshape(batch, dim, n) if length else u.new_zeros(batch, dim, n)
-    return y, last
 
 
 # --------------------------------------------------------------------------------------------- cpu
@@ -436,4 +366,4 @@ def _cpu_core(u, dt, A, Bg, Cg):
     return _CpuScan.apply(u, dt, A, Bg, Cg)
 
 
-_CORES = {"pscan": _pscan_core, "cpu": _cpu_core}
+_CORES = {"cpu": _cpu_core}
