@@ -173,4 +173,12 @@ METRICS_FIELDS = (
 # ----------------------------------------------------------------------------------- ddim_sweep.json
 SWEEP_FILE = "ddim_sweep.json"
 SWEEP_DIR = "ddim_sweep"
-SWEEP_FIELDS = ("dataset", "model", "sampler", "eta", "extractor", "scale", "label", "rows")
+SWEEP_FIELDS = ("dataset", "model", "sampler", "eta", "extractor", "scale", "label", "applicable", "rows")
+
+# -------------------------------------------------------------------------------- scaling benchmark
+SCALING_BENCHMARK = "benchmarks/scaling.json"
+"""Under `paths.results`: written by benchmarks/bench_scaling.py, read by the report (claim C5):
+`{"points": [{"variant" (or "mixer"), "pixels", "step_s_median", "peak_mem_mb", ...} | {..., "error"}]}`."""
+SCALING_X = "pixels"
+SCALING_TIME = "step_s_median"
+SCALING_MEMORY = "peak_mem_mb"
