@@ -776,7 +776,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "prepare": ("seed", "data.image_size", "data.split", "data.{dataset}"),
     "train": ("seed", "data.image_size", "data.hflip", "{family}", "presets.{model}", "diffusion", "train"),
     "sample": ("sample", "diffusion", "eval.reference_split"),
-    "sweep": ("seed", "data.hflip", "sample", "diffusion", "eval"),
+    "sweep": ("seed", "sample", "diffusion", "eval"),
     "evaluate": ("seed", "data.hflip", "eval"),
     "report": ("datasets", "models", "scale"),
 }
@@ -823,4 +823,4 @@ def dvc_params(stage: str, overlay: Mapping[str, Any], *, foreach: bool = False)
             keys.append(key.format(**item) if "{" in key else key)
     groups = dict.fromkeys(k.split(".")[0] for k in keys[1:])
     keys += [f"scales.demo.{g}" for g in groups if g in (overlay or {})]
-    return keys
+    return list(dict.fromkeys(keys))

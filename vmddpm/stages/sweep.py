@@ -45,6 +45,7 @@ def sweep(cfg: Config, dataset: str, model: str) -> Path:
         "scale": cfg.scale,
         "steps_sweep": list(cfg.eval.ddim_steps_sweep),
     }
+    cfg.sweep_dir(dataset, model).mkdir(parents=True, exist_ok=True)  # a declared output, even when empty
     if preset.family == "gan" or not cfg.eval.ddim_steps_sweep:
         why = (
             f"presets.{model} is a GAN: it has no sampling steps"
