@@ -11,17 +11,13 @@ import yaml
 
 from vmddpm.config import (
     DATASETS,
-    SCHEMA_FILE,
-    STAGE_PARAMS,
     Config,
     ConfigError,
     ModelConfig,
     deep_merge,
-    dvc_params,
     load_config,
-    schema_yaml,
-    stage_params,
 )
+from vmddpm.pipeline import SCHEMA_FILE, STAGE_PARAMS, dvc_params, schema_yaml, stage_params
 
 from .conftest import ROOT
 
@@ -213,7 +209,7 @@ def test_json_schema_accepts_the_repo_params_and_rejects_what_the_models_reject(
 
 
 def test_dvc_yaml_params_are_the_stage_params() -> None:
-    """dvc.yaml lists, per stage, exactly what vmddpm.config.STAGE_PARAMS says the stage reads."""
+    """dvc.yaml lists, per stage, exactly what vmddpm.pipeline.STAGE_PARAMS says the stage reads."""
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     overlay = yaml.safe_load((ROOT / "params.yaml").read_text())["scales"]["demo"]
     assert set(dvc) == set(STAGE_PARAMS)

@@ -1,4 +1,4 @@
-"""vmddpm.train and vmddpm.checkpoint: loss falls, kill-and-resume is bit-identical, DDP ranks agree,
+"""vmddpm.stages.train and vmddpm.trainkit: loss falls, kill-and-resume is bit-identical, DDP ranks agree,
 bad inputs give one-line errors, a failed write never destroys the last good checkpoint."""
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ LAYERS = [
     ("vmddpm.runtime", 3),
     ("vmddpm.nn", 2),
     ("vmddpm.ops", 1),
+    ("vmddpm.pipeline", 0),
     ("vmddpm.config", 0),
     ("vmddpm.contracts", 0),
     ("vmddpm.io", 0),

@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose, args.quiet)
     try:
         if args.command == "config" and args.action == "schema":
-            from vmddpm.config import schema_yaml
+            from vmddpm.pipeline import schema_yaml
 
             print(schema_yaml(), end="")
             return 0

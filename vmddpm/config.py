@@ -6,10 +6,9 @@ value exists only because `params.yaml` says so. From these models come
 
 - the validation of every load, each error one line naming the file and the dotted key, with the nearest
   valid name ("params.yaml: train.lr_rate is not a known key; did you mean train.lr?");
-- the JSON schema Snakemake checks at start-up (`params_schema()`, committed as
-  `workflow/schemas/params.schema.yaml`; `vmddpm config schema` prints it);
-- the params each stage reads (`STAGE_PARAMS`), which `workflow/rules/*.smk` pass to their rules and
-  `dvc.yaml` lists per stage (`dvc_params()`; tests keep both in step).
+- through `vmddpm.pipeline`, the JSON schema Snakemake checks at start-up (committed as
+  `workflow/schemas/params.schema.yaml`; `vmddpm config schema` prints it) and the params each stage
+  reads (`STAGE_PARAMS`, passed by the Snakemake rules and listed in `dvc.yaml`).
 
 Loading:
 
@@ -500,7 +499,7 @@ def _set_dotted(doc: dict[str, Any], key: str, value: Any, path: Path) -> None:
 _ADAPTERS: dict[type, TypeAdapter[Any]] = {}
 
 
-def _adapter(cls: type) -> TypeAdapter[Any]:
+def type_adapter(cls: type) -> TypeAdapter[Any]:
     if cls not in _ADAPTERS:
         _ADAPTERS[cls] = TypeAdapter(cls)
     return _ADAPTERS[cls]
@@ -509,7 +508,7 @@ def _adapter(cls: type) -> TypeAdapter[Any]:
 def _validate(cls: type, data: Any, path: Path, prefix: str = "") -> Any:
     """`data` as an instance of `cls`; the first problem as a one-line ConfigError."""
     try:
-        built = _adapter(cls).validate_python(data)
+        built = type_adapter(cls).validate_python(data)
     except _ValidationError as e:
         raise ConfigError(_message(e, cls, path, prefix)) from None
     if cls is Document:
@@ -690,137 +689,3 @@ def _suggest(name: str, valid: Iterable[str], head: str = "") -> str:
             reverse=True,
         )
     return f"did you mean {head}{close[0]}?" if close else f"valid: {', '.join(sorted(valid))}"
-
-
-# ------------------------------------------------------------------------------- the JSON schema
-SCHEMA_FILE = "workflow/schemas/params.schema.yaml"
-_SCHEMA_HEADER = (
-    "# JSON schema of params.yaml, checked by Snakemake at start-up (before any job). GENERATED from the\n"
-    "# typed models of vmddpm/config.py: do not edit; regenerate with\n"
-    f"#   vmddpm config schema > {SCHEMA_FILE}\n"
-    "# (tests/test_config.py fails when this file and the models differ). Cross-field rules (splits sum\n"
-    "# to 1, models are presets, ...) are checked by vmddpm/config.py right after.\n"
-)
-
-
-def params_schema() -> dict[str, Any]:
-    """The JSON schema (draft 2020-12) of params.yaml, from the models above.
-
-    `scales.<name>` overlays and presets' `model:` overrides are *partial* groups: the same properties,
-    none required (`Partial<Group>` definitions).
-    """
-    schema = _adapter(Document).json_schema(ref_template="#/$defs/{model}")
-    schema = _strip_titles(schema)
-    defs = schema.pop("$defs")
-    root = dict(schema)
-    partial = {f"Partial{k}": _partial(v) for k, v in defs.items() if k != "PresetConfig"}
-    partial["PartialDocument"] = _partial({k: v for k, v in root.items()})
-    defs["PresetConfig"]["properties"]["model"] = {
-        "anyOf": [{"$ref": "#/$defs/PartialModelConfig"}, {"type": "null"}],
-        "default": None,
-    }
-    root["properties"]["scales"] = {
-        "type": "object",
-        "properties": {
-            name: {"anyOf": [{"$ref": "#/$defs/PartialDocument"}, {"type": "null"}]}
-            for name in ("demo", "paper")
-        },
-        "additionalProperties": False,
-    }
-    partial["PartialDocument"]["properties"].pop("scales")
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        **root,
-        "description": "vmddpm params.yaml (the top-level groups; `scales.<name>` overlays are partial)",
-        "$defs": {**defs, **partial},
-    }
-
-
-def schema_yaml() -> str:
-    """`params_schema()` as the YAML text committed at `SCHEMA_FILE`."""
-    return _SCHEMA_HEADER + yaml.safe_dump(params_schema(), sort_keys=False, width=110)
-
-
-def _strip_titles(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _strip_titles(v) for k, v in node.items() if k != "title" or not isinstance(v, str)}
-    if isinstance(node, list):
-        return [_strip_titles(v) for v in node]
-    return node
-
-
-def _partial(node: Any) -> Any:
-    """A schema with nothing required and every `$defs` reference pointing at its partial twin."""
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            if k == "required":
-                continue
-            if (
-                k == "$ref"
-                and isinstance(v, str)
-                and v.startswith("#/$defs/")
-                and v != "#/$defs/PresetConfig"
-            ):
-                v = "#/$defs/Partial" + v.rsplit("/", 1)[1]
-            out[k] = _partial(v)
-        return out
-    if isinstance(node, list):
-        return [_partial(v) for v in node]
-    return node
-
-
-# -------------------------------------------------------------------------- the params of each stage
-STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "download": ("data.{dataset}", "data.phantoms", "data.max_unpacked_bytes"),
-    "prepare": ("seed", "data.image_size", "data.split", "data.{dataset}"),
-    "train": ("seed", "data.image_size", "data.hflip", "{family}", "presets.{model}", "diffusion", "train"),
-    "sample": ("sample", "diffusion", "eval.reference_split"),
-    "sweep": ("seed", "sample", "diffusion", "eval"),
-    "evaluate": ("seed", "data.hflip", "eval"),
-    "report": ("datasets", "models", "scale"),
-}
-"""The resolved knobs each stage's outputs depend on. `{dataset}` / `{model}` are the job's wildcards;
-`{family}` is the group of the model's family (`model` for vmunet, `baselines.<family>` otherwise).
-Snakemake passes exactly these to each job (a change reruns exactly the affected jobs); `dvc.yaml` lists
-them per stage (`dvc_params`)."""
-
-FAMILY_GROUP = {
-    "vmunet": "model",
-    "unet_attn": "baselines.unet_attn",
-    "dit": "baselines.dit",
-    "gan": "baselines.gan",
-}
-
-
-def stage_params(
-    cfg: Config, stage: str, dataset: str | None = None, model: str | None = None
-) -> dict[str, Any]:
-    """The resolved knobs of one job of `stage` (dotted key -> value), as Snakemake's `params:`."""
-    data = cfg.to_dict()
-    out: dict[str, Any] = {}
-    for key in STAGE_PARAMS[stage]:
-        if "{family}" in key:
-            key = FAMILY_GROUP[cfg.preset(str(model)).family]
-        key = key.format(dataset=dataset, model=model)
-        node: Any = data
-        for part in key.split("."):
-            node = node[part]
-        out[key] = node
-    return out
-
-
-def dvc_params(stage: str, overlay: Mapping[str, Any], *, foreach: bool = False) -> list[str]:
-    """`params:` of `stage` in dvc.yaml: `scale`, the stage's keys (templated for DVC's `foreach` or
-    `matrix`), and `scales.demo.<group>` for each group of them that the demo overlay (`overlay`)
-    sets, since DVC reads params.yaml unresolved."""
-    item = {"dataset": "${item}"} if foreach else {"dataset": "${item.dataset}", "model": "${item.model}"}
-    keys = ["scale"]
-    for key in STAGE_PARAMS[stage]:
-        if key == "{family}":
-            keys += ["model", "baselines"]
-        else:
-            keys.append(key.format(**item) if "{" in key else key)
-    groups = dict.fromkeys(k.split(".")[0] for k in keys[1:])
-    keys += [f"scales.demo.{g}" for g in groups if g in (overlay or {})]
-    return list(dict.fromkeys(keys))

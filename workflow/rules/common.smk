@@ -1,13 +1,14 @@
 # Shared set-up: params.yaml validated by the JSON schema (generated from vmddpm/config.py's models),
 # then resolved (scale overlay) by the same typed module the CLI uses, so the workflow never repeats a
 # default, a path layout, a file contract (vmddpm/contracts.py) or the knobs a stage reads
-# (vmddpm.config.STAGE_PARAMS, which dvc.yaml lists too).
+# (vmddpm.pipeline.STAGE_PARAMS, which dvc.yaml lists too).
 import os
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
-from vmddpm.config import ConfigError, load_config, stage_params
+from vmddpm.config import ConfigError, load_config
+from vmddpm.pipeline import stage_params
 from vmddpm.contracts import SCALING_BENCHMARK, samples_grid_path, samples_meta_path
 
 min_version("9.0")
@@ -73,7 +74,7 @@ def sweep_dir(dataset, model):
 
 
 def knobs(stage):
-    """The resolved knobs a job of `stage` reads (vmddpm.config.STAGE_PARAMS); a change to any of them
+    """The resolved knobs a job of `stage` reads (vmddpm.pipeline.STAGE_PARAMS); a change to any of them
     reruns exactly the affected jobs."""
     return lambda w: stage_params(CFG, stage, dataset=w.get("dataset"), model=w.get("model"))
 
