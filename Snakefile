@@ -1,6 +1,7 @@
 # vmddpm: the VM-DDPM reproduction as a Snakemake workflow. Thin on purpose: every rule calls the
 # `vmddpm` CLI, every knob comes from params.yaml (read through vmddpm.config), and the DAG is
-# download -> prepare -> train -> sample -> evaluate -> report -> dvc commit, over datasets x models.
+# download -> prepare -> train -> sample -> evaluate (and train -> sweep) -> report -> dvc commit, over
+# datasets x models.
 #
 #   snakemake --cores all                      # demo scale (CPU, minutes)
 #   snakemake --cores all --config scale=paper # real data, paper-sized networks (GPU)
@@ -21,6 +22,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/sweep.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -302,8 +302,8 @@ def denoiser_step(
     model: Any, batch: int, size: int, device: str, channels: int = 1, timesteps: int = 1000
 ) -> Callable[[], None]:
     """One diffusion training step of `model(x, t) -> eps` on random data: forward, MSE to the noise,
-    backward, AdamW step (the optimizer of `vmddpm.train`: torch's fused AdamW); its state is created
-    in the first step."""
+    backward, AdamW step (the optimizer of `vmddpm.stages.train`: torch's fused AdamW); its state is
+    created in the first step."""
     import torch
 
     dev = torch.device(device)

@@ -6,7 +6,7 @@ on random data at each of `--sizes`, batch `train.batch_size` of that scale (`--
 
 - diffusion families (vmunet, unet_attn, dit): forward, MSE to the noise, backward, AdamW step;
 - gan family (dcgan, wgan_gp): one discriminator update (wgan_gp: with its gradient penalty) and one
-  generator update, Adam with `baselines.gan` lr/betas, as in `vmddpm.gan` (which, for wgan_gp, does
+  generator update, Adam with `baselines.gan` lr/betas, as in `vmddpm.stages.gan` (which, for wgan_gp, does
   `n_critic` discriminator updates per generator update: not included here).
 
 The measurement is `benchmarks/_measure.py`, shared with `bench_scaling.py`: each (model, size) in
@@ -47,10 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _gan_step(g: Any, d: Any, gan_loss: str, gc: Any, batch: int, size: int, device: str) -> Any:
-    """One discriminator update and one generator update of a GAN preset, as `vmddpm.gan` trains."""
+    """One discriminator update and one generator update of a GAN preset, as `vmddpm.stages.gan` trains."""
     import torch
 
-    from vmddpm.gan import discriminator_loss, generator_loss
+    from vmddpm.adversarial import discriminator_loss, generator_loss
 
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
@@ -119,14 +119,11 @@ def _point(
 
 def plot(rows: list[dict[str, Any]], names: list[str], sizes: list[int], title: str, path: Path) -> None:
     """Two panels (step time, peak memory), one bar per (model, size), log scale, values on the bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    from vmddpm.io import atomic_path
+    from vmddpm.plotting import pyplot, save
 
+    plt = pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(11, 8.5), sharex=True)
     w = 0.8 / len(sizes)
     panels = (
@@ -168,9 +165,7 @@ def plot(rows: list[dict[str, Any]], names: list[str], sizes: list[int], title: 
     axes[1].set_xticks(range(len(names)), names, rotation=35, ha="right")
     axes[0].set_title(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120, format="png")
 
 
 def main(argv: list[str] | None = None) -> int:

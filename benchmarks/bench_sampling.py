@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     weights = "random-init"
     final = cfg.train_dir(args.dataset, args.model) / "model.pt"
     if final.is_file():
-        from vmddpm.checkpoint import load_checkpoint
         from vmddpm.errors import UserError
         from vmddpm.nn.registry import model_signature
+        from vmddpm.trainkit import load_checkpoint
 
         try:  # a stale checkpoint (another architecture) must not stop a wall-clock benchmark
             state = load_checkpoint(final, expect=model_signature(cfg, args.model))

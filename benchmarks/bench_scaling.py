@@ -131,14 +131,11 @@ def plot(
     gives the growth between the two largest sizes (for step time also the interleaved, drift-free
     ratio where `growth` has one); thin lines: linear (dotted) and quadratic (dashed) growth from
     each series' first point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    from vmddpm.io import atomic_path
+    from vmddpm.plotting import pyplot, save
 
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.4))
     panels = (
         ("step_s_median", "train step time (s)", "{:.3g} s"),
@@ -200,9 +197,7 @@ def plot(
         fontsize=9,
     )
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120, format="png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,7 +96,7 @@ def kill_and_resume(
     """Train `vmddpm ARGS` twice in two fresh project folders (a copy of params.yaml, `prepare(root)`
     writes the data): once straight through, once SIGKILLed as soon as its first checkpoint exists and
     then rerun to resume. Returns the two train folders (straight, resumed) for the caller to compare."""
-    from vmddpm.checkpoint import load_checkpoint
+    from vmddpm.trainkit import load_checkpoint
 
     roots = {}
     for name in ("straight", "killed"):

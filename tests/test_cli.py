@@ -13,7 +13,17 @@ import yaml
 
 from .conftest import ROOT
 
-SUBCOMMANDS = ("download", "prepare", "phantoms", "train", "sample", "evaluate", "report", "reader-study")
+SUBCOMMANDS = (
+    "download",
+    "prepare",
+    "phantoms",
+    "train",
+    "sample",
+    "evaluate",
+    "sweep",
+    "report",
+    "reader-study",
+)
 
 
 def test_help_lists_every_subcommand(cli, tmp_path: Path) -> None:
@@ -31,7 +41,7 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
 def test_import_is_light() -> None:
     """`import vmddpm` and the CLI module must not drag in torch or any pipeline tool."""
     code = (
-        "import sys, vmddpm, vmddpm.cli, vmddpm.config; "
+        "import sys, vmddpm, vmddpm.cli, vmddpm.config, vmddpm.contracts; "
         "print(sorted(m for m in ('torch', 'mlflow', 'snakemake', 'dvc') if m in sys.modules))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

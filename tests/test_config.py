@@ -17,6 +17,7 @@ from vmddpm.config import (
     deep_merge,
     load_config,
 )
+from vmddpm.pipeline import SCHEMA_FILE, STAGE_PARAMS, dvc_params, schema_yaml, stage_params
 
 from .conftest import ROOT
 
@@ -164,3 +165,67 @@ def test_flat_params_for_tracking(params: Path) -> None:
     flat = load_config(params).flat()
     assert flat["train.steps"] == "150" or flat["train.steps"].isdigit()
     assert "scales.demo.train.steps" not in flat and "root" not in flat
+
+
+def test_preset_override_and_overlay_errors_name_their_own_key(params: Path) -> None:
+    _edit(params, lambda d: d["presets"]["vmddpm_csm"]["model"].update(sr="zz"))
+    assert "presets.vmddpm_csm.model.sr must be one of none | window | zigzag | random" in _error(params)
+    shutil.copy(ROOT / "params.yaml", params)
+    _edit(params, lambda d: d["scales"]["demo"]["train"].update(lr="fast"))
+    assert "scales.demo.train.lr must be float, got 'fast' (str)" in _error(params)
+    shutil.copy(ROOT / "params.yaml", params)
+    assert "model.dt_rank must be int or one of auto, got 'x'" in _error(
+        params, overrides=["model.dt_rank=x"]
+    )
+    assert "train must be a mapping of keys, got int" in _error(params, overrides=["train=5"])
+
+
+def test_committed_json_schema_is_generated_from_the_models() -> None:
+    """workflow/schemas/params.schema.yaml is `vmddpm config schema`, byte for byte."""
+    assert (ROOT / SCHEMA_FILE).read_text() == schema_yaml(), (
+        f"regenerate: vmddpm config schema > {SCHEMA_FILE}"
+    )
+
+
+def test_json_schema_accepts_the_repo_params_and_rejects_what_the_models_reject() -> None:
+    import jsonschema
+
+    schema = yaml.safe_load((ROOT / SCHEMA_FILE).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert not list(validator.iter_errors(doc))
+    test_overlay = yaml.safe_load((ROOT / ".test" / "params.yaml").read_text())
+    assert not list(validator.iter_errors(deep_merge(doc, test_overlay)))
+    for edit in (
+        lambda d: d["train"].update(lr_rate=0.1),
+        lambda d: d["scales"]["demo"]["train"].update(stpes=3),
+        lambda d: d["presets"]["vmddpm_csm"]["model"].update(srr="none"),
+        lambda d: d.update(datasets=["chestxray", "mnist"]),
+        lambda d: d["sample"].update(device="gpu"),
+    ):
+        bad = yaml.safe_load((ROOT / "params.yaml").read_text())
+        edit(bad)
+        assert list(validator.iter_errors(bad)), edit
+
+
+def test_dvc_yaml_params_are_the_stage_params() -> None:
+    """dvc.yaml lists, per stage, exactly what vmddpm.pipeline.STAGE_PARAMS says the stage reads."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    overlay = yaml.safe_load((ROOT / "params.yaml").read_text())["scales"]["demo"]
+    assert set(dvc) == set(STAGE_PARAMS)
+    for stage, spec in dvc.items():
+        foreach = "foreach" in spec
+        listed = (spec["do"] if foreach else spec)["params"]
+        assert listed == dvc_params(stage, overlay, foreach=foreach), stage
+
+
+def test_stage_params_resolve_for_every_job() -> None:
+    cfg = load_config(ROOT / "params.yaml")
+    assert stage_params(cfg, "train", "acdc", "dcgan")["baselines.gan"] == dataclasses.asdict(
+        cfg.baselines.gan
+    )
+    assert "model" in stage_params(cfg, "train", "acdc", "vmddpm")
+    assert stage_params(cfg, "download", "acdc")["data.acdc"]["source"] == "phantom"
+    for stage in STAGE_PARAMS:
+        for model in cfg.models:
+            assert stage_params(cfg, stage, "chestxray", model)

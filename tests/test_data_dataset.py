@@ -11,11 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vmddpm.data.dataset import SliceDataset, read_manifest, split_files
-from vmddpm.data.download import download_dataset, sha256_file
+from vmddpm.contracts import read_manifest, split_files
+from vmddpm.data.dataset import SliceDataset
 from vmddpm.data.phantoms import write_phantoms
-from vmddpm.data.prepare import prepare_dataset
 from vmddpm.errors import UserError
+from vmddpm.io import sha256_file
+from vmddpm.stages.download import download_dataset
+from vmddpm.stages.prepare import prepare_dataset
 
 SMALL = (
     "data.image_size=16",

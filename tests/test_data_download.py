@@ -21,17 +21,17 @@ import pytest
 from vmddpm.data.download import (
     MARKER,
     checksums_path,
-    download_dataset,
     extract_archive,
     fetch,
     read_checksums,
     record_checksum,
-    sha256_file,
 )
 from vmddpm.data.phantoms import write_phantoms
-from vmddpm.data.prepare import prepare_dataset
 from vmddpm.data.sources import SOURCES
 from vmddpm.errors import UserError
+from vmddpm.io import sha256_file
+from vmddpm.stages.download import download_dataset
+from vmddpm.stages.prepare import prepare_dataset
 
 SMALL = (
     "data.image_size=16",

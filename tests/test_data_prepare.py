@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vmddpm.data.download import download_dataset
-from vmddpm.data.prepare import prepare_dataset, split_subjects
+from vmddpm.data.prepare import split_subjects
 from vmddpm.errors import UserError
+from vmddpm.stages.download import download_dataset
+from vmddpm.stages.prepare import prepare_dataset
 
 SMALL = (
     "data.image_size=16",
@@ -229,10 +230,11 @@ _SLOW_PREPARE = """
 import sys, time
 from vmddpm.config import load_config
 from vmddpm.data import prepare
-real = prepare._png
+from vmddpm.stages.prepare import prepare_dataset
+real = prepare.png
 def slow(img):
     time.sleep(0.05)
     return real(img)
-prepare._png = slow
-prepare.prepare_dataset(load_config(sys.argv[1], overrides=sys.argv[2:]), "brats2018")
+prepare.png = slow
+prepare_dataset(load_config(sys.argv[1], overrides=sys.argv[2:]), "brats2018")
 """

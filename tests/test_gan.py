@@ -1,4 +1,4 @@
-"""vmddpm.gan: dcgan/wgan_gp train with finite losses and a changing generator, finished runs are
+"""vmddpm.stages.gan: dcgan/wgan_gp train with finite losses and a changing generator, finished runs are
 no-ops, samples depend only on their seed, and a SIGKILLed `vmddpm train` resumes bit-identically."""
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY, kill_and_resume
+from tests.conftest import ONE_THREAD_ENV, TINY, kill_and_resume, run_cli
 from tests.test_baselines import TINY_BASELINES
 from tests.test_train import write_prepared
-from vmddpm.checkpoint import load_checkpoint
-from vmddpm.gan import generate, train_gan
+from vmddpm.generation import generator
 from vmddpm.nn.registry import build_gan
-from vmddpm.sample import sample
-from vmddpm.train import state_hash, train
+from vmddpm.runtime import state_hash
+from vmddpm.stages.gan import train_gan
+from vmddpm.stages.sample import sample
+from vmddpm.trainkit import load_checkpoint
 
 DATASET = "acdc"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,11 +33,16 @@ def gan_cfg(make_cfg, *extra: str):
 
 
 @pytest.mark.parametrize("model", ["dcgan", "wgan_gp"])
-def test_gan_trains_20_steps(make_cfg, model: str) -> None:
-    cfg = gan_cfg(make_cfg, "train.steps=20", "train.log_every=1", "train.checkpoint_every=10")
+def test_gan_trains_20_steps(make_cfg, tmp_path: Path, model: str) -> None:
+    steps = ("train.steps=20", "train.log_every=1", "train.checkpoint_every=10")
+    cfg = gan_cfg(make_cfg, *steps)
     torch.manual_seed(cfg.seed)
     g0, _ = build_gan(cfg, model)
-    out = train(cfg, DATASET, model)  # through the same entry point as every model
+    args = ["train", "--dataset", DATASET, "--model", model, "--set", "tracking.enabled=false"]
+    for item in (*TINY, *TINY_BASELINES, *steps):
+        args += ["--set", item]
+    run_cli(*args, cwd=tmp_path, env=ONE_THREAD_ENV)  # through the same entry point as every model
+    out = cfg.train_dir(DATASET, model)
     with (out / "history.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == list(range(1, 21))
@@ -60,8 +66,9 @@ def test_finished_run_is_noop_and_samples_depend_on_own_seed(make_cfg) -> None:
     stamp = (out / "model.pt").stat().st_mtime_ns, (out / "last.pt").stat().st_mtime_ns
     train_gan(cfg, DATASET, "dcgan")
     assert ((out / "model.pt").stat().st_mtime_ns, (out / "last.pt").stat().st_mtime_ns) == stamp
-    batch = generate(cfg, DATASET, "dcgan", [10, 11, 12])
-    alone = generate(cfg, DATASET, "dcgan", [11])
+    gen = generator(cfg, DATASET, "dcgan")
+    batch = gen.fn([10, 11, 12])
+    alone = gen.fn([11])
     assert batch.shape == (3, 1, 16, 16) and batch.min() >= -1 and batch.max() <= 1
     assert torch.equal(batch[1], alone[0])
     assert not torch.equal(batch[0], batch[2])

@@ -15,9 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vmddpm import metrics as M
+from vmddpm import contracts as C
+from vmddpm import evalkit as K
 from vmddpm.config import load_config
 from vmddpm.errors import UserError
+from vmddpm.metrics import extractor as X
+from vmddpm.metrics import features as F
+from vmddpm.metrics import fid as FID
+from vmddpm.metrics import images as I
+from vmddpm.metrics import memorisation as MEM
+from vmddpm.stages import evaluate as E
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 24
@@ -72,11 +79,11 @@ def cfg(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def extractor(cfg):
-    return M.load_extractor(cfg)
+    return K.load_extractor(cfg)
 
 
 @pytest.fixture(scope="module")
-def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, M.ImageSet]:
+def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, I.ImageSet]:
     """real (reference), other (an independent draw of the same distribution), noisy copies of real."""
     tmp = tmp_path_factory.mktemp("sets")
     real = phantoms(N, seed=1)
@@ -85,14 +92,14 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, M.ImageSet]:
     for s in (8, 24, 64):
         arrays[f"noise{s}"] = noisy(real, s)
     arrays["contrast"] = (0.7 * real.astype(float) + 40).astype(np.uint8)
-    return {k: M.load_folder(write_pngs(tmp / k, v), k) for k, v in arrays.items()}
+    return {k: I.load_folder(write_pngs(tmp / k, v), k) for k, v in arrays.items()}
 
 
 def test_fid_of_a_set_against_itself_is_zero(cfg, extractor, sets):
-    out = M.compute_metrics(cfg, sets["real"], sets["real"], sets["real"], extractor, cache_tag="real")
-    scale = M.frechet_distance(
-        M.extract_features(sets["real"].pixels, extractor, 32),
-        M.extract_features(sets["noise64"].pixels, extractor, 32),
+    out = E.compute_metrics(cfg, sets["real"], sets["real"], sets["real"], extractor, cache_tag="real")
+    scale = FID.frechet_distance(
+        F.extract_features(sets["real"].pixels, extractor, 32),
+        F.extract_features(sets["noise64"].pixels, extractor, 32),
     )
     assert scale > 0
     assert abs(out["fid"]) < 1e-6 * scale
@@ -104,9 +111,9 @@ def test_fid_of_a_set_against_itself_is_zero(cfg, extractor, sets):
 
 def test_fid_rises_monotonically_with_noise(cfg, extractor, sets):
     """Gaussian noise (sigma 8, 24, 64 grey levels) added to a copy of the reference set."""
-    ref = M.extract_features(sets["real"].pixels, extractor, 32)
+    ref = F.extract_features(sets["real"].pixels, extractor, 32)
     fids = [
-        M.frechet_distance(ref, M.extract_features(sets[k].pixels, extractor, 32))
+        FID.frechet_distance(ref, F.extract_features(sets[k].pixels, extractor, 32))
         for k in ("noise8", "noise24", "noise64")
     ]
     assert all(math.isfinite(f) and f > 0 for f in fids)
@@ -121,7 +128,7 @@ def test_frechet_distance_matches_both_libraries():
 
     rng = np.random.default_rng(0)
     f1, f2 = rng.normal(size=(40, 256)), rng.normal(0.1, 1.2, size=(30, 256))  # n < d: the fast path
-    ours = M.frechet_distance(f1, f2)
+    ours = FID.frechet_distance(f1, f2)
     tf = fid_statistics_to_metric(
         fid_features_to_statistics(torch.from_numpy(f1)),
         fid_features_to_statistics(torch.from_numpy(f2)),
@@ -131,7 +138,7 @@ def test_frechet_distance_matches_both_libraries():
     assert ours == pytest.approx(fid_from_feats(f1, f2), rel=1e-6)
     # n >= d goes through torch-fidelity itself
     g1, g2 = rng.normal(size=(12, 8)), rng.normal(0.5, 1.0, size=(15, 8))
-    assert M.frechet_distance(g1, g2) == pytest.approx(fid_from_feats(g1, g2), rel=1e-6)
+    assert FID.frechet_distance(g1, g2) == pytest.approx(fid_from_feats(g1, g2), rel=1e-6)
 
 
 @pytest.mark.slow  # ~30 s idle, more on a loaded machine: three libraries each read both folders
@@ -150,12 +157,12 @@ def test_torch_fidelity_and_clean_fid_agree_on_the_same_folders(cfg, extractor, 
     from cleanfid.fid import get_folder_features
 
     real, fake = sets["real"], sets["noise24"]
-    out = M.compute_metrics(cfg, real, fake, None, extractor, cache_tag="real")
+    out = E.compute_metrics(cfg, real, fake, None, extractor, cache_tag="real")
     lib = torch_fidelity.calculate_metrics(
         input1=str(fake.folder),
         input2=str(real.folder),
         fid=True,
-        feature_extractor=M.RANDOM_EXTRACTOR_NAME,
+        feature_extractor=X.RANDOM_EXTRACTOR_NAME,
         cuda=False,
         cache=False,
         save_cpu_ram=True,  # no DataLoader worker processes
@@ -163,31 +170,31 @@ def test_torch_fidelity_and_clean_fid_agree_on_the_same_folders(cfg, extractor, 
     )
     assert out["fid"] == pytest.approx(lib["frechet_inception_distance"], rel=1e-3)
     kw = {"num_workers": 0, "batch_size": 32, "device": extractor.device, "mode": "clean", "verbose": False}
-    model = M._CleanFidModel(extractor)
-    clean = M.frechet_distance(
+    model = F._CleanFidModel(extractor)
+    clean = FID.frechet_distance(
         get_folder_features(str(real.folder), model, **kw), get_folder_features(str(fake.folder), model, **kw)
     )
     assert out["fid_clean"] == pytest.approx(clean, rel=1e-6)
     for other in ("other", "contrast"):
-        res = M.compute_metrics(cfg, real, sets[other], None, extractor, cache_tag="real")
+        res = E.compute_metrics(cfg, real, sets[other], None, extractor, cache_tag="real")
         assert res["fid"] > 0
         assert res["fid_clean"] == pytest.approx(res["fid"], rel=RESIZE_REL_TOL), other
 
 
 @pytest.mark.skipif(
-    not any((M._torch_hub_checkpoints() / n).is_file() for n in M.INCEPTION_ALIASES),
-    reason=f"real Inception weights absent (no network here): put {M.INCEPTION_FILENAME} "
+    not any((X.torch_hub_checkpoints() / n).is_file() for n in X.INCEPTION_ALIASES),
+    reason=f"real Inception weights absent (no network here): put {X.INCEPTION_FILENAME} "
     "in torch hub's checkpoints folder",
 )
 def test_real_weights_torch_fidelity_and_clean_fid_agree(cfg, sets, tmp_path):
     import dataclasses
 
     real_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, extractor="inception"))
-    ex = M.load_extractor(real_cfg)
-    assert ex.weights_sha256 == M.INCEPTION_SHA256
+    ex = K.load_extractor(real_cfg)
+    assert ex.weights_sha256 == X.INCEPTION_SHA256
     for other in ("other", "contrast"):
-        out = M.compute_metrics(real_cfg, sets["real"], sets[other], None, ex, cache_tag="realweights")
-        assert out["fid"] > 0 and out["weights_sha256"] == M.INCEPTION_SHA256
+        out = E.compute_metrics(real_cfg, sets["real"], sets[other], None, ex, cache_tag="realweights")
+        assert out["fid"] > 0 and out["weights_sha256"] == X.INCEPTION_SHA256
         assert out["fid_clean"] == pytest.approx(out["fid"], rel=RESIZE_REL_TOL), other
 
 
@@ -195,50 +202,50 @@ def test_missing_or_wrong_weights_say_how_to_provide_them(make_cfg, tmp_path, mo
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     cfg = make_cfg("eval.extractor=inception")
     with pytest.raises(UserError) as e:
-        M.load_extractor(cfg)
+        K.load_extractor(cfg)
     msg = str(e.value)
-    assert "\n" not in msg and M.INCEPTION_URL in msg and "eval.inception_weights" in msg
+    assert "\n" not in msg and X.INCEPTION_URL in msg and "eval.inception_weights" in msg
     assert str(tmp_path / "torch-home") in msg
     bogus = tmp_path / "weights.pth"
     bogus.write_bytes(b"not the weights")
     with pytest.raises(UserError, match=r"weights\.pth: sha256 .* is not the pt_inception-2015-12-05"):
-        M.load_extractor(make_cfg("eval.extractor=inception", f"eval.inception_weights={bogus}"))
+        K.load_extractor(make_cfg("eval.extractor=inception", f"eval.inception_weights={bogus}"))
     with pytest.raises(UserError, match=r"eval\.inception_weights names no file"):
-        M.load_extractor(
+        K.load_extractor(
             make_cfg("eval.extractor=inception", f"eval.inception_weights={tmp_path / 'nope.pth'}")
         )
 
 
 def test_reference_features_are_cached_and_keyed_on_content(cfg, extractor, tmp_path):
-    small = M.load_folder(write_pngs(tmp_path / "small", phantoms(6, seed=7)), "small")
-    first = M.reference_features(cfg, small, extractor, tag="cachetest")
-    files = sorted(M.cache_dir(cfg).glob("cachetest-*.npz"))
+    small = I.load_folder(write_pngs(tmp_path / "small", phantoms(6, seed=7)), "small")
+    first = K.reference_features(cfg, small, extractor, tag="cachetest")
+    files = sorted(K.cache_dir(cfg).glob("cachetest-*.npz"))
     assert len(files) == 1
-    again = M.reference_features(cfg, small, extractor, tag="cachetest")
+    again = K.reference_features(cfg, small, extractor, tag="cachetest")
     assert again["key"] == first["key"]
     np.testing.assert_array_equal(again["feats"], first["feats"])
     assert again["floor"] == pytest.approx(first["floor"])
     # one changed pixel in one image: a different key, a second cache file
     pix = small.pixels.copy()
     pix[0, 0, 0] ^= 1
-    changed = M.load_folder(write_pngs(tmp_path / "changed", pix), "changed")
-    assert M.reference_features(cfg, changed, extractor, tag="cachetest")["key"] != first["key"]
-    assert len(sorted(M.cache_dir(cfg).glob("cachetest-*.npz"))) == 2
+    changed = I.load_folder(write_pngs(tmp_path / "changed", pix), "changed")
+    assert K.reference_features(cfg, changed, extractor, tag="cachetest")["key"] != first["key"]
+    assert len(sorted(K.cache_dir(cfg).glob("cachetest-*.npz"))) == 2
 
 
 def test_memorisation_flags_copies_and_passes_fresh_samples():
     train = phantoms(30, seed=5)
     fresh = phantoms(10, seed=6)
     copies = np.concatenate([train[:3], train[3:5, :, ::-1], fresh[:5]])  # 3 copies + 2 mirrored copies
-    flagged = M.memorisation(copies, train, threshold=0.02, hflip=True)
+    flagged = MEM.memorisation(copies, train, threshold=0.02, hflip=True)
     assert flagged["memorised_count"] == 5 and flagged["memorised_share"] == pytest.approx(0.5)
     assert flagged["nn_distance_min"] == 0.0
-    without_flip = M.memorisation(copies, train, threshold=0.02, hflip=False)
+    without_flip = MEM.memorisation(copies, train, threshold=0.02, hflip=False)
     assert without_flip["memorised_count"] == 3
-    passed = M.memorisation(fresh, train, threshold=0.02, hflip=True)
+    passed = MEM.memorisation(fresh, train, threshold=0.02, hflip=True)
     assert passed["memorised_count"] == 0 and passed["nn_distance_min"] > 0.02
     # a near-copy (a few grey levels of noise) still counts
-    near = M.memorisation(noisy(train[:4], 2.0), train, threshold=0.02, hflip=True)
+    near = MEM.memorisation(noisy(train[:4], 2.0), train, threshold=0.02, hflip=True)
     assert near["memorised_count"] == 4
 
 
@@ -246,50 +253,50 @@ def test_memorisation_flags_copies_and_passes_fresh_samples():
 def test_folder_with_zero_images(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"empty: contains no PNG images"):
-        M.load_folder(tmp_path / "empty", "generated")
+        I.load_folder(tmp_path / "empty", "generated")
     with pytest.raises(UserError, match=r"missing: no such folder"):
-        M.load_folder(tmp_path / "missing", "generated")
+        I.load_folder(tmp_path / "missing", "generated")
 
 
 def test_folder_with_mixed_sizes(tmp_path):
     folder = write_pngs(tmp_path / "mixed", phantoms(3, 0, size=24))
     Image.fromarray(phantoms(1, 1, size=32)[0], mode="L").save(folder / "zz.png")
     with pytest.raises(UserError, match=r"mixed: mixed image sizes \(zz.png is 32x32, 00000.png is 24x24\)"):
-        M.load_folder(folder, "generated")
+        I.load_folder(folder, "generated")
 
 
 def test_folder_with_non_image_files(tmp_path):
     folder = write_pngs(tmp_path / "junk", phantoms(3, 0))
     (folder / "notes.txt").write_text("hello")
     with pytest.raises(UserError, match=r"junk: 1 entries are not PNG images \(notes.txt\)"):
-        M.load_folder(folder, "generated")
+        I.load_folder(folder, "generated")
     (folder / "notes.txt").unlink()
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(UserError, match=r"junk: broken.png is not a readable image"):
-        M.load_folder(folder, "generated")
+        I.load_folder(folder, "generated")
     (folder / "broken.png").unlink()
     Image.fromarray(np.zeros((24, 24, 3), np.uint8), mode="RGB").save(folder / "rgb.png")
     with pytest.raises(UserError, match=r"junk: rgb.png has mode RGB"):
-        M.load_folder(folder, "generated")
+        I.load_folder(folder, "generated")
     (folder / ".tmp-partial.png").write_bytes(b"")  # hidden files (atomic temp files) are ignored
     (folder / "rgb.png").unlink()
-    assert len(M.load_folder(folder, "generated")) == 3
+    assert len(I.load_folder(folder, "generated")) == 3
 
 
 def test_fewer_images_than_kid_subset_or_n_fake(cfg, extractor, sets, tmp_path):
-    few = M.load_folder(write_pngs(tmp_path / "few", phantoms(5, 3)), "generated")
+    few = I.load_folder(write_pngs(tmp_path / "few", phantoms(5, 3)), "generated")
     with pytest.raises(
         UserError, match=r"few: 5 images, fewer than eval.kid_subset_size=8 .*lower eval.kid_subset_size"
     ):
-        M.compute_metrics(cfg, sets["real"], few, None, extractor, cache_tag="few")
+        E.compute_metrics(cfg, sets["real"], few, None, extractor, cache_tag="few")
     with pytest.raises(UserError, match=r"few: holds 5 images but eval.n_fake asks for 10"):
-        M.load_folder(tmp_path / "few", "generated", limit=10)
+        I.load_folder(tmp_path / "few", "generated", limit=10)
 
 
 def test_generated_and_reference_sizes_must_match(cfg, extractor, sets, tmp_path):
-    big = M.load_folder(write_pngs(tmp_path / "big", phantoms(10, 3, size=32)), "generated")
+    big = I.load_folder(write_pngs(tmp_path / "big", phantoms(10, 3, size=32)), "generated")
     with pytest.raises(UserError, match=r"big: images are 32x32 but the reference .* has 24x24"):
-        M.compute_metrics(cfg, sets["real"], big, None, extractor, cache_tag="big")
+        E.compute_metrics(cfg, sets["real"], big, None, extractor, cache_tag="big")
 
 
 # ------------------------------------------------------------------------------ the stage itself
@@ -311,15 +318,15 @@ def test_evaluate_writes_every_protocol_field(make_cfg, tmp_path, cli):
     samples = write_pngs(cfg.samples_dir("acdc", "vmddpm"), fake)
     meta = {"sampler": "ddim", "steps": 7, "seed": 3, "eta": 0.0, "checkpoint_step": 40}
     (samples.parent / "samples_meta.json").write_text(json.dumps(meta))
-    out = M.evaluate(cfg, "acdc", "vmddpm")
+    out = E.evaluate(cfg, "acdc", "vmddpm")
     assert out == cfg.metrics_path("acdc", "vmddpm")
     m = json.loads(out.read_text())
-    missing = [k for k in M.PROTOCOL_FIELDS if k not in m]
+    missing = [k for k in C.METRICS_FIELDS if k not in m]
     assert not missing
     assert m["n_real"] == 20 and m["n_fake"] == 12  # eval.n_fake picks the first 12 (sorted)
     assert m["memorised_count"] == 2
     assert m["extractor"] == "random-inception" and m["comparable_to_paper"] is False
-    assert m["label"] == M.DEMO_LABEL
+    assert m["label"] == C.DEMO_LABEL
     assert (m["sampler"], m["steps"], m["seed"], m["checkpoint_step"]) == (
         "ddim",
         7,
@@ -352,7 +359,7 @@ def test_evaluate_writes_every_protocol_field(make_cfg, tmp_path, cli):
 @pytest.mark.slow  # trains a tiny model, then samples and evaluates it at two DDIM step counts
 def test_ddim_sweep_samples_and_evaluates_each_step_count(make_cfg):
     from tests.conftest import TINY
-    from vmddpm.train import train
+    from vmddpm.stages.train import train
 
     cfg = make_cfg(
         *TINY,
@@ -367,15 +374,17 @@ def test_ddim_sweep_samples_and_evaluates_each_step_count(make_cfg):
     )
     make_prepared(cfg.prepared_dir("acdc"), {"train": phantoms(12, 1, 16), "val": phantoms(4, 2, 16)})
     train(cfg, "acdc", "vmddpm")
-    from vmddpm.sample import sample
+    from vmddpm.stages.sample import sample
+    from vmddpm.stages.sweep import sweep as run_sweep
 
     sample(cfg, "acdc", "vmddpm")
-    out = M.evaluate(cfg, "acdc", "vmddpm", ddim_sweep=True)
+    out = E.evaluate(cfg, "acdc", "vmddpm")
     m = json.loads(out.read_text())
     assert m["fid_clean"] is None and m["n_fake"] == 8
-    sweep = json.loads(M.ddim_sweep_path(cfg, "acdc", "vmddpm").read_text())
+    assert run_sweep(cfg, "acdc", "vmddpm") == cfg.sweep_path("acdc", "vmddpm")
+    sweep = json.loads(cfg.sweep_path("acdc", "vmddpm").read_text())
     assert [r["steps"] for r in sweep["rows"]] == [2, 4]
     assert all(r["fid"] > 0 and r["n_fake"] == 8 for r in sweep["rows"])
-    assert sweep["label"] == M.DEMO_LABEL
+    assert sweep["label"] == C.DEMO_LABEL
     for k in (2, 4):
         assert len(list((cfg.run_dir("acdc", "vmddpm") / "ddim_sweep" / f"steps_{k}").glob("*.png"))) == 8

@@ -1,5 +1,5 @@
-"""vmddpm.readerstudy: make a blinded study, score synthetic readers and a real browser session,
-refuse bad inputs.
+"""vmddpm reader-study (vmddpm.stages.readerstudy over vmddpm.readerstudy): make a blinded study, score
+synthetic readers and a real browser session, refuse bad inputs.
 
 The prepared dataset and the samples folder are tiny 8-px PNGs written here (the study code only
 copies and counts them); the study and scorer run through the real CLI entry point.
@@ -8,6 +8,7 @@ copies and counts them); the study and scorer run through the real CLI entry poi
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 import time
@@ -20,10 +21,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vmddpm import readerstudy as rs
+from vmddpm import contracts as C
 from vmddpm.cli import main
 from vmddpm.config import Config
 from vmddpm.errors import UserError
+from vmddpm.readerstudy import format as fmt
+from vmddpm.readerstudy import stats
+from vmddpm.stages import readerstudy as rs
 
 DATASET, MODEL = "acdc", "vmddpm"
 SIZE = 8
@@ -104,7 +108,7 @@ def write_answers(
             for i, a in answers.items()
         ]
     with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rs.ANSWER_COLUMNS))
+        w = csv.DictWriter(fh, fieldnames=list(fmt.ANSWER_COLUMNS))
         w.writeheader()
         w.writerows(rows)
     return path
@@ -186,7 +190,7 @@ def test_make_then_score_perfect_chance_and_always_real_readers(project: Config,
     )
 
     summary = (study / "summary.md").read_text()
-    assert "Fleiss' kappa" in summary and "always-real" in summary and rs.DEMO_LABEL in summary
+    assert "Fleiss' kappa" in summary and "always-real" in summary and C.DEMO_LABEL in summary
     assert Image.open(study / "scores.png").size[0] > 300
 
     s2 = cli_score(project, study, [files["perfect"], files["perfect2"]])
@@ -205,7 +209,7 @@ def test_study_is_blinded_deterministic_and_self_contained(project: Config, tmp_
     assert (a / "key.csv").read_bytes() == (b / "key.csv").read_bytes()  # same seed, same draw and order
     assert (a / "key.csv").read_bytes() != (c / "key.csv").read_bytes()
     meta = json.loads((a / "study.json").read_text())
-    assert meta["key_sha256"] == rs.hashlib.sha256((a / "key.csv").read_bytes()).hexdigest()
+    assert meta["key_sha256"] == hashlib.sha256((a / "key.csv").read_bytes()).hexdigest()
 
     reader = a / "reader"
     files = sorted(p.relative_to(reader).as_posix() for p in reader.rglob("*") if p.is_file())
@@ -237,9 +241,9 @@ def test_cohen_kappa_hand_example() -> None:
     p_o = 35/50 = 0.7; p_e = 0.5*0.6 + 0.5*0.4 = 0.5; kappa = (0.7 - 0.5) / 0.5 = 0.4 exactly."""
     a = ["yes"] * 25 + ["no"] * 25
     b = ["yes"] * 20 + ["no"] * 5 + ["yes"] * 10 + ["no"] * 15
-    assert rs.cohen_kappa(a, b) == Fraction(2, 5)
-    assert rs.cohen_kappa(a, a) == 1
-    assert rs.cohen_kappa(["x"] * 4, ["x"] * 4) is None  # chance agreement is 1: undefined
+    assert stats.cohen_kappa(a, b) == Fraction(2, 5)
+    assert stats.cohen_kappa(a, a) == 1
+    assert stats.cohen_kappa(["x"] * 4, ["x"] * 4) is None  # chance agreement is 1: undefined
 
 
 def test_fleiss_kappa_hand_examples() -> None:
@@ -250,7 +254,7 @@ def test_fleiss_kappa_hand_examples() -> None:
         ["synthetic", "real", "synthetic", "real"],
         ["synthetic", "real", "real", "real"],
     ]
-    assert rs.fleiss_kappa(raters) == Fraction(1, 3)
+    assert stats.fleiss_kappa(raters) == Fraction(1, 3)
     # Fleiss' own example as on Wikipedia: 10 items, 14 raters, 5 categories -> P = 0.378, P_e = 0.213, 0.210
     table = [
         [0, 0, 0, 0, 14],
@@ -266,9 +270,9 @@ def test_fleiss_kappa_hand_examples() -> None:
     ]
     items = [[c for c, n in enumerate(row) for _ in range(n)] for row in table]
     raters14 = [[str(item[r]) for item in items] for r in range(14)]
-    assert float(rs.fleiss_kappa(raters14)) == pytest.approx(0.210, abs=5e-4)
+    assert float(stats.fleiss_kappa(raters14)) == pytest.approx(0.210, abs=5e-4)
     # two raters: Fleiss' kappa is Scott's pi, not Cohen's kappa; a perfect pair is 1 either way
-    assert rs.fleiss_kappa([raters[0], raters[0]]) == 1
+    assert stats.fleiss_kappa([raters[0], raters[0]]) == 1
 
 
 # -------------------------------------------------------------------------------------- bad input

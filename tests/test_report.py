@@ -18,9 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vmddpm import metrics as M
-from vmddpm import report as R
+from vmddpm import contracts as C
 from vmddpm.config import Config
+from vmddpm.metrics import extractor as X
+from vmddpm.report import inputs
+from vmddpm.report import tables as T
+from vmddpm.stages import report as stage
 
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = {("acdc", "dit"), ("brats2018", "wgan_gp"), ("brats2018", "vmddpm_ssm_only")}
@@ -84,14 +87,14 @@ def build_fixture(cfg: Config) -> dict[tuple[str, str], dict]:
                 "n_real": 10,
                 "n_fake": 8,
                 "extractor": "inception" if paper else "random-inception",
-                "weights_sha256": M.INCEPTION_SHA256 if paper else "ab" * 32,
-                "resize": M.RESIZE.format(size=299),
+                "weights_sha256": X.INCEPTION_SHA256 if paper else "ab" * 32,
+                "resize": X.RESIZE.format(size=299),
                 "sampler": "gan" if cfg.preset(model).family == "gan" else "ddim",
                 "steps": None if cfg.preset(model).family == "gan" else 20,
                 "seed": 0,
                 "scale": "paper" if paper else "demo",
                 "comparable_to_paper": paper,
-                "label": "" if paper else M.DEMO_LABEL,
+                "label": "" if paper else C.DEMO_LABEL,
                 "memorised_share": 0.125 if model == "dcgan" else 0.0,
                 "memorised_count": 1 if model == "dcgan" else 0,
                 "nn_distance_min": 0.01 if model == "dcgan" else 0.05,
@@ -102,7 +105,7 @@ def build_fixture(cfg: Config) -> dict[tuple[str, str], dict]:
             cfg.metrics_path(ds, model).write_text(json.dumps(m))
             written[(ds, model)] = m
         sweep = {
-            "label": M.DEMO_LABEL,
+            "label": C.DEMO_LABEL,
             "rows": [{"steps": s, "fid": 60.0 / s**0.5 + 30 + d} for s in (5, 10, 20, 50)],
         }
         cfg.run_dir(ds, "vmddpm").joinpath("ddim_sweep.json").write_text(json.dumps(sweep))
@@ -152,7 +155,7 @@ def test_report_tables_from_a_fixed_set_of_metrics(state, caplog):
     ref = cfg.results_dir("paper", "reference.csv")
     before = hashlib.sha256(ref.read_bytes()).hexdigest()
     with caplog.at_level(logging.WARNING, logger="vmddpm.report"):
-        tables = R.report(cfg)
+        tables = stage.report(cfg)
     assert hashlib.sha256(ref.read_bytes()).hexdigest() == before  # never overwritten
     # the missing runs are named in a warning and in the table
     warned = " ".join(r.getMessage() for r in caplog.records)
@@ -160,14 +163,14 @@ def test_report_tables_from_a_fixed_set_of_metrics(state, caplog):
 
     rows = read_csv(tables / "main.csv")
     assert len(rows) == len(cfg.datasets) * len(cfg.models)
-    assert set(rows[0]) == set(R.MAIN_COLUMNS)
+    assert set(rows[0]) == set(T.MAIN_COLUMNS)
     for ds in cfg.datasets:
         mine = [r for r in rows if r["dataset"] == ds]
-        done = [r for r in mine if r["label"] != R.NOT_RUN]
+        done = [r for r in mine if r["label"] != T.NOT_RUN]
         expected = sorted((m for (d, m) in written if d == ds), key=lambda m: fake_fid(ds, m))
         assert [r["model"] for r in done] == expected  # ranked by FID
         assert [int(r["rank"]) for r in done] == list(range(1, len(expected) + 1))
-        assert {r["model"] for r in mine if r["label"] == R.NOT_RUN} == {m for d, m in MISSING if d == ds}
+        assert {r["model"] for r in mine if r["label"] == T.NOT_RUN} == {m for d, m in MISSING if d == ds}
         assert mine[: len(done)] == done  # not-run rows last
     by = {(r["dataset"], r["model"]): r for r in rows}
     # the comparable row: the paper's value beside ours, and the difference
@@ -175,24 +178,24 @@ def test_report_tables_from_a_fixed_set_of_metrics(state, caplog):
     assert cx["label"] == "" and cx["comparable_to_paper"] == "True"
     assert float(cx["fid_paper"]) == 11.783 and cx["paper_source"] == "arXiv:2405.05667"
     assert float(cx["fid_minus_paper"]) == pytest.approx(fake_fid("chestxray", "vmddpm") - 11.783)
-    assert cx["extractor"] == "inception" and cx["weights_sha256"] == M.INCEPTION_SHA256
+    assert cx["extractor"] == "inception" and cx["weights_sha256"] == X.INCEPTION_SHA256
     # demo rows: labelled, never compared with the paper
     acdc = by[("acdc", "vmddpm")]
     assert (
-        acdc["label"] == R.DEMO_LABEL
+        acdc["label"] == C.DEMO_LABEL
         and acdc["fid_minus_paper"] == ""
         and acdc["comparable_to_paper"] == "False"
     )
     assert float(acdc["fid_paper"]) == 34.525  # the paper's own number, for reference
     assert all(
-        r["label"] == R.DEMO_LABEL for r in rows if r["dataset"] != "chestxray" and r["label"] != R.NOT_RUN
+        r["label"] == C.DEMO_LABEL for r in rows if r["dataset"] != "chestxray" and r["label"] != T.NOT_RUN
     )
     assert by[("chestxray", "unet_attn")]["fid_paper"] == ""  # unknown: empty, not invented
     # protocol columns come through
     assert by[("brats2018", "dcgan")]["sampler"] == "gan" and by[("brats2018", "vmddpm")]["steps"] == "20"
 
     md = (tables / "main.md").read_text()
-    assert R.DEMO_LABEL.upper() in md and R.DEMO_LABEL in md and R.NOT_RUN in md
+    assert C.DEMO_LABEL.upper() in md and C.DEMO_LABEL in md and T.NOT_RUN in md
     assert "| 1 | vmddpm | 12.25 | 11.78 |" in md
 
     abl = read_csv(tables / "ablation.csv")
@@ -200,13 +203,13 @@ def test_report_tables_from_a_fixed_set_of_metrics(state, caplog):
     assert {r["model"] for r in abl} == set(vm) and len(abl) == len(vm) * len(cfg.datasets)
     csm = next(r for r in abl if r["dataset"] == "acdc" and r["model"] == "vmddpm_csm")
     assert csm["change"] == "sr=none" and float(csm["fid_minus_vmddpm"]) == pytest.approx(3.0)
-    assert csm["label"] == R.DEMO_LABEL
+    assert csm["label"] == C.DEMO_LABEL
     ssm = next(r for r in abl if r["dataset"] == "brats2018" and r["model"] == "vmddpm_ssm_only")
-    assert ssm["label"] == R.NOT_RUN and ssm["fid"] == ""
+    assert ssm["label"] == T.NOT_RUN and ssm["fid"] == ""
     assert "vmddpm_csm | sr=none |" in (tables / "ablation.md").read_text()
 
     summary = json.loads((tables / "summary.json").read_text())
-    assert summary["comparable_to_paper"] is False and summary["label"] == R.DEMO_LABEL
+    assert summary["comparable_to_paper"] is False and summary["label"] == C.DEMO_LABEL
     assert sorted(summary["not_run"]) == sorted(f"{d}/{m}" for d, m in MISSING)
     assert summary["fid"]["acdc"]["vmddpm"]["fid"] == pytest.approx(fake_fid("acdc", "vmddpm"))
     assert summary["n_runs"] == len(written)
@@ -215,7 +218,7 @@ def test_report_tables_from_a_fixed_set_of_metrics(state, caplog):
 
 def test_report_figures_are_readable_pngs(state):
     cfg, _ = state
-    R.report(cfg)
+    stage.report(cfg)
     figs = cfg.results_dir("figures")
     names = ["fid_overview.png", "fid_vs_train_step.png", "fid_vs_ddim_steps.png", "scaling.png"]
     names += [f"samples_{ds}.png" for ds in cfg.datasets]
@@ -226,8 +229,10 @@ def test_report_figures_are_readable_pngs(state):
             assert im.size[0] > 300 and im.size[1] > 200
             assert np.asarray(im.convert("L")).std() > 5  # not blank
     assert not list(figs.glob(".*"))  # no temp files left behind
-    xk, yk, series = R._scaling_series(json.loads(cfg.results_dir("benchmarks", "scaling.json").read_text()))
-    assert (xk, yk, sorted(series)) == ("pixels", "step_s_median", ["attention", "csm"])
+    series = inputs.scaling_series(
+        json.loads(cfg.results_dir("benchmarks", "scaling.json").read_text()), "step_s_median"
+    )
+    assert sorted(series) == ["attention", "csm"]  # by variant, else mixer
     assert len(series["attention"]) == 4  # the failed point is skipped
 
 
@@ -239,7 +244,7 @@ def test_report_with_nothing_evaluated_says_not_run(make_cfg, cli, tmp_path):
     proc = cli("report", cwd=tmp_path)
     assert "no metrics for 33 of 33 runs" in proc.stderr
     rows = read_csv(cfg.results_dir("tables", "main.csv"))
-    assert len(rows) == 33 and {r["label"] for r in rows} == {R.NOT_RUN}
+    assert len(rows) == 33 and {r["label"] for r in rows} == {T.NOT_RUN}
     assert json.loads(cfg.results_dir("tables", "summary.json").read_text())["n_runs"] == 0
     for name in ("fid_vs_train_step.png", "fid_vs_ddim_steps.png", "scaling.png", "samples_acdc.png"):
         assert cfg.results_dir("figures", name).is_file()
@@ -258,5 +263,5 @@ def test_fid_against_training_step_from_mlflow(make_cfg):
             run.log_metrics({"fid": fid}, step=step)
     with start_run(cfg, "train", dataset="acdc", model="vmddpm") as run:  # other stages are ignored
         run.log_metrics({"fid": 1.0}, step=7)
-    hist = R._mlflow_fid_history(cfg)
+    hist = inputs.mlflow_fid_history(cfg)
     assert hist == {("acdc", "vmddpm"): [(50, 80.0), (100, 60.0), (150, 45.0)]}

@@ -1,4 +1,4 @@
-"""vmddpm.sample: per-image seeds, uint8 grayscale PNGs + grid, resumable, EMA by default, clear errors."""
+"""vmddpm.stages.sample: per-image seeds, uint8 PNGs + grid, resumable, EMA by default, clear errors."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from PIL import Image
 from tests.conftest import ONE_THREAD_ENV
 from tests.test_train import DATASET, MODEL, tiny_cfg
 from vmddpm.errors import UserError
-from vmddpm.sample import sample
-from vmddpm.train import train
+from vmddpm.stages.sample import sample
+from vmddpm.stages.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""vmddpm.train and vmddpm.checkpoint: loss falls, kill-and-resume is bit-identical, DDP ranks agree,
+"""vmddpm.stages.train and vmddpm.trainkit: loss falls, kill-and-resume is bit-identical, DDP ranks agree,
 bad inputs give one-line errors, a failed write never destroys the last good checkpoint."""
 
 from __future__ import annotations
@@ -16,15 +16,17 @@ import torch
 from PIL import Image
 
 from tests.conftest import ONE_THREAD_ENV, TINY, kill_and_resume
-from vmddpm.checkpoint import (
+from vmddpm.errors import UserError
+from vmddpm.runtime import state_hash
+from vmddpm.stages.train import train
+from vmddpm.trainkit import (
+    EpochSampler,
     capture_rng_state,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from vmddpm.errors import UserError
-from vmddpm.train import EpochSampler, state_hash, train
 
 DATASET, MODEL = "acdc", "vmddpm"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -237,7 +239,7 @@ def test_killed_writer_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     save_checkpoint(path, {"step": 1})
     before = path.read_bytes()
     code = (
-        "import torch, sys; from vmddpm.checkpoint import save_checkpoint; print('go', flush=True); "
+        "import torch, sys; from vmddpm.trainkit import save_checkpoint; print('go', flush=True); "
         f"save_checkpoint({str(path)!r}, {{'step': 2, 'w': [torch.randn(4_000_000) for _ in range(40)]}})"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

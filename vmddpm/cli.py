@@ -3,26 +3,28 @@
 Rules of this module:
 - argparse never holds a default for a knob: flags left out are `None` and the value comes from
   `params.yaml` (through `vmddpm.config`). `--set KEY=VALUE` overrides any resolved knob.
+- each subcommand names the stage function it calls (`vmddpm.stages.<stage>`), imported when the
+  subcommand runs: `vmddpm --help` imports neither torch nor pydantic, `vmddpm config show` no torch.
 - a user error (`vmddpm.errors.UserError`) prints one line on stderr and exits 2; `--debug` shows
-  the traceback. Unbuilt subcommands say so and exit 2.
-- stage modules are imported lazily, so `vmddpm --help` and `vmddpm config show` stay fast and do
-  not import torch.
+  the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmddpm import __version__
-from vmddpm.config import DATASETS, DEFAULT_PARAMS, Config, load_config
+from vmddpm.contracts import DATASETS, DEFAULT_PARAMS
 from vmddpm.errors import UserError
+
+if TYPE_CHECKING:
+    from vmddpm.config import Config
 
 log = logging.getLogger("vmddpm")
 
@@ -64,22 +66,6 @@ def _model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a key of `presets:` in params.yaml")
 
 
-def _call(target: str, **kwargs: Any) -> Callable[[Config], Any]:
-    """Lazily import `module:function` and call it with the config and `kwargs`."""
-
-    def run(cfg: Config) -> Any:
-        module, func = target.split(":")
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("vmddpm"):
-                raise UserError(f"`{target}` is not built yet in this version of vmddpm") from None
-            raise
-        return getattr(mod, func)(cfg, **kwargs)
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = _common(top=False)
     parser = argparse.ArgumentParser(
@@ -119,11 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model(p)
     p.add_argument("--samples", type=Path, help="folder of generated PNGs (default: the sample stage's)")
     p.add_argument("--out", type=Path, help="metrics file (default: runs/<dataset>/<model>/metrics.json)")
-    p.add_argument(
-        "--ddim-sweep",
-        action="store_true",
-        help="also sample and evaluate each eval.ddim_steps_sweep entry -> runs/<ds>/<model>/ddim_sweep.json",
-    )
+
+    p = add("sweep", "FID against DDIM steps: sample + evaluate each eval.ddim_steps_sweep entry")
+    _dataset(p)
+    _model(p)
 
     add("report", "paper-vs-ours tables and figures from every metrics.json")
 
@@ -148,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_parser("validate", help="exit 0 if params.yaml is valid", parents=[common])
     get = cs.add_parser("get", help="print one resolved value (dotted key)", parents=[common])
     get.add_argument("key")
+    cs.add_parser(
+        "schema",
+        help="print the JSON schema of params.yaml (workflow/schemas/params.schema.yaml)",
+        parents=[common],
+    )
 
     p = add("model", "inspect the registry's networks")
     ms = p.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -180,52 +170,98 @@ def _config_command(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _dispatch(args: argparse.Namespace) -> Callable[[Config], Any]:
-    c = args.command
-    if c == "download":
-        return _call("vmddpm.data.download:download_dataset", dataset=args.dataset)
-    if c == "prepare":
-        return _call("vmddpm.data.prepare:prepare_dataset", dataset=args.dataset)
-    if c == "phantoms":
-        return _call(
-            "vmddpm.data.phantoms:write_phantoms",
-            dataset=args.dataset,
-            out=args.out,
-            archive=not args.no_archive,
+# Each subcommand -> the stage function it calls (imported when it runs: see the module docstring).
+def _download(cfg: Config, a: argparse.Namespace) -> Any:
+    from vmddpm.stages.download import download_dataset
+
+    return download_dataset(cfg, dataset=a.dataset)
+
+
+def _prepare(cfg: Config, a: argparse.Namespace) -> Any:
+    from vmddpm.stages.prepare import prepare_dataset
+
+    return prepare_dataset(cfg, dataset=a.dataset)
+
+
+def _phantoms(cfg: Config, a: argparse.Namespace) -> Any:
+    from vmddpm.stages.phantoms import phantoms
+
+    return phantoms(cfg, dataset=a.dataset, out=a.out, archive=not a.no_archive)
+
+
+def _train(cfg: Config, a: argparse.Namespace) -> Any:
+    """The gan family trains in its own loop (`vmddpm.stages.gan`), every other in `vmddpm.stages.train`."""
+    if cfg.preset(a.model).family == "gan":
+        from vmddpm.stages.gan import train_gan
+
+        return train_gan(cfg, dataset=a.dataset, model=a.model)
+    from vmddpm.stages.train import train
+
+    return train(cfg, dataset=a.dataset, model=a.model)
+
+
+def _sample(cfg: Config, a: argparse.Namespace) -> Any:
+    from vmddpm.stages.sample import sample
+
+    return sample(cfg, dataset=a.dataset, model=a.model, out=a.out)
+
+
+def _evaluate(cfg: Config, a: argparse.Namespace) -> Any:
+    from vmddpm.stages.evaluate import evaluate
+
+    return evaluate(cfg, dataset=a.dataset, model=a.model, samples=a.samples, out=a.out)
+
+
+def _sweep(cfg: Config, a: argparse.Namespace) -> Any:
+    from vmddpm.stages.sweep import sweep
+
+    return sweep(cfg, dataset=a.dataset, model=a.model)
+
+
+def _report(cfg: Config, a: argparse.Namespace) -> Any:
+    from vmddpm.stages.report import report
+
+    return report(cfg)
+
+
+def _reader_study(cfg: Config, a: argparse.Namespace) -> Any:
+    if a.action == "make":
+        from vmddpm.stages.readerstudy import make_study
+
+        return make_study(
+            cfg,
+            dataset=a.dataset,
+            model=a.model,
+            n_real=a.n_real,
+            n_fake=a.n_fake,
+            seed=a.seed,
+            out=a.out,
+            samples=a.samples,
         )
-    if c == "train":
-        return _call("vmddpm.train:train", dataset=args.dataset, model=args.model)
-    if c == "sample":
-        return _call("vmddpm.sample:sample", dataset=args.dataset, model=args.model, out=args.out)
-    if c == "evaluate":
-        return _call(
-            "vmddpm.metrics:evaluate",
-            dataset=args.dataset,
-            model=args.model,
-            samples=args.samples,
-            out=args.out,
-            ddim_sweep=args.ddim_sweep,
-        )
-    if c == "report":
-        return _call("vmddpm.report:report")
-    if c == "reader-study" and args.action == "make":
-        return _call(
-            "vmddpm.readerstudy:make_study",
-            dataset=args.dataset,
-            model=args.model,
-            n_real=args.n_real,
-            n_fake=args.n_fake,
-            seed=args.seed,
-            out=args.out,
-            samples=args.samples,
-        )
-    if c == "reader-study":
-        return _call("vmddpm.readerstudy:score_study", study=args.study, answers=args.answers)
-    if c == "config":
-        return lambda cfg: _config_command(cfg, args)
-    if c == "model":
-        return _call("vmddpm.nn.registry:print_summary", model=args.model, image_size=args.image_size)
-    raise AssertionError(c)
+    from vmddpm.stages.readerstudy import score_study
+
+    return score_study(cfg, study=a.study, answers=a.answers)
+
+
+def _model_command(cfg: Config, a: argparse.Namespace) -> Any:
+    from vmddpm.nn.registry import print_summary
+
+    return print_summary(cfg, model=a.model, image_size=a.image_size)
+
+
+COMMANDS: dict[str, Callable[[Config, argparse.Namespace], Any]] = {
+    "download": _download,
+    "prepare": _prepare,
+    "phantoms": _phantoms,
+    "train": _train,
+    "sample": _sample,
+    "evaluate": _evaluate,
+    "sweep": _sweep,
+    "report": _report,
+    "reader-study": _reader_study,
+    "config": _config_command,
+    "model": _model_command,
+}
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
@@ -246,8 +282,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides = [*args.overrides, *getattr(args, "sub_overrides", [])]
     setup_logging(args.verbose, args.quiet)
     try:
+        if args.command == "config" and args.action == "schema":
+            from vmddpm.pipeline import schema_yaml
+
+            print(schema_yaml(), end="")
+            return 0
+        from vmddpm.config import load_config
+
         cfg = load_config(args.params, scale=args.scale, overrides=args.overrides)
-        result = _dispatch(args)(cfg)
+        result = COMMANDS[args.command](cfg, args)
     except UserError as e:
         if args.debug:
             raise

@@ -1,14 +1,23 @@
-"""Typed, validated view of `params.yaml`: the single source of every knob.
+"""Typed, validated view of `params.yaml`: the single source of every knob, and its one schema.
 
-Why one module: the CLI, the Snakefile and `dvc.yaml` must never repeat a default. Every dataclass
-below has *no* defaults for knobs: a value exists only because `params.yaml` says so. Loading:
+Why one module: the CLI, the Snakefile and `dvc.yaml` must never repeat a default or a rule. The groups
+below are pydantic dataclasses (frozen, `extra="forbid"`, strict types) with *no* defaults for knobs: a
+value exists only because `params.yaml` says so. From these models come
+
+- the validation of every load, each error one line naming the file and the dotted key, with the nearest
+  valid name ("params.yaml: train.lr_rate is not a known key; did you mean train.lr?");
+- through `vmddpm.pipeline`, the JSON schema Snakemake checks at start-up (committed as
+  `workflow/schemas/params.schema.yaml`; `vmddpm config schema` prints it) and the params each stage
+  reads (`STAGE_PARAMS`, passed by the Snakemake rules and listed in `dvc.yaml`).
+
+Loading:
 
 1. read the YAML (clear error on a missing or malformed file),
-2. validate the raw document and the `scales.<name>` overlays (unknown keys with a suggestion,
-   wrong types, out-of-range values), each error one line naming file and dotted key,
+2. validate the document, then each `scales.<name>` overlay and each preset's `model:` overrides as
+   partial documents (merged over what they override; an error is reported at the overlay's key),
 3. deep-merge the overlay of the chosen scale over the top-level groups (the one place it happens),
 4. apply `--set key=value` overrides to the resolved document,
-5. build frozen dataclasses.
+5. validate the result (types, ranges, then cross-field rules) into frozen dataclasses.
 """
 
 from __future__ import annotations
@@ -19,165 +28,178 @@ import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter
+from pydantic import ValidationError as _ValidationError
+from pydantic.dataclasses import dataclass
 
+from vmddpm.contracts import DATASETS, DEFAULT_PARAMS, DEMO_LABEL, FAMILIES
 from vmddpm.errors import UserError
 
-DATASETS: tuple[str, ...] = ("chestxray", "brats2018", "acdc")
-FAMILIES: tuple[str, ...] = ("vmunet", "unet_attn", "dit", "gan")
-DEFAULT_PARAMS = "params.yaml"
-DEMO_LABEL = "demo — not comparable to the paper"
-"""The label every number, table and figure made at demo scale or with the random extractor carries."""
+__all__ = ["DATASETS", "DEFAULT_PARAMS", "DEMO_LABEL", "FAMILIES", "Config", "ConfigError", "load_config"]
 
 
 class ConfigError(UserError):
     """A user error in params.yaml or an override: the message is one line, fit for stderr."""
 
 
-def _f(*, min: float | None = None, max: float | None = None, nonempty: bool = False) -> Any:
-    """A dataclass field with range metadata (no default: the value must come from params.yaml)."""
-    return field(metadata={"min": min, "max": max, "nonempty": nonempty})
+_GROUP = ConfigDict(extra="forbid")
+
+
+def group(cls: type) -> Any:
+    """A params.yaml group: a frozen pydantic dataclass that rejects unknown keys."""
+    return dataclass(frozen=True, config=_GROUP)(cls)
+
+
+def _f(*, min: float | None = None, max: float | None = None, nonempty: bool = False, **extra: Any) -> Any:
+    """A knob with a range (no default: the value must come from params.yaml)."""
+    return Field(ge=min, le=max, min_length=1 if nonempty else None, json_schema_extra=extra or None)
+
+
+Int = StrictInt
+Float = StrictFloat  # an int is accepted (and stored as float); a bool or a string is not
+Bool = StrictBool
+Str = StrictStr
 
 
 # --------------------------------------------------------------------------------------------- groups
-@dataclass(frozen=True)
+@group
 class PathsConfig:
-    data: str
-    runs: str
-    results: str
+    data: Str
+    runs: Str
+    results: Str
 
 
-@dataclass(frozen=True)
+@group
 class SplitConfig:
-    train: float = _f(min=0.0, max=1.0)
-    val: float = _f(min=0.0, max=1.0)
-    test: float = _f(min=0.0, max=1.0)
+    train: Float = _f(min=0.0, max=1.0)
+    val: Float = _f(min=0.0, max=1.0)
+    test: Float = _f(min=0.0, max=1.0)
 
 
-@dataclass(frozen=True)
+@group
 class ChestXRayConfig:
     source: Literal["official", "phantom"]
-    archive: str | None
-    raw_dir: str | None
-    url: str | None
-    max_subjects: int = _f(min=0)
+    archive: Str | None
+    raw_dir: Str | None
+    url: Str | None
+    max_subjects: Int = _f(min=0)
 
 
-@dataclass(frozen=True)
+@group
 class BratsConfig:
     source: Literal["official", "phantom"]
-    archive: str | None
-    raw_dir: str | None
-    url: str | None
-    max_subjects: int = _f(min=0)
+    archive: Str | None
+    raw_dir: Str | None
+    url: Str | None
+    max_subjects: Int = _f(min=0)
     modality: Literal["t1", "t1ce", "t2", "flair"] = _f()
-    min_brain_fraction: float = _f(min=0.0, max=1.0)
-    percentiles: list[float] = _f(nonempty=True)
+    min_brain_fraction: Float = _f(min=0.0, max=1.0)
+    percentiles: list[Float] = _f(nonempty=True)
 
 
-@dataclass(frozen=True)
+@group
 class AcdcConfig:
     source: Literal["official", "phantom"]
-    archive: str | None
-    raw_dir: str | None
-    url: str | None
-    max_subjects: int = _f(min=0)
-    percentiles: list[float] = _f(nonempty=True)
+    archive: Str | None
+    raw_dir: Str | None
+    url: Str | None
+    max_subjects: Int = _f(min=0)
+    percentiles: list[Float] = _f(nonempty=True)
 
 
-@dataclass(frozen=True)
+@group
 class PhantomConfig:
-    chestxray_subjects: int = _f(min=3)
-    brats2018_subjects: int = _f(min=3)
-    acdc_subjects: int = _f(min=3)
-    size: int = _f(min=16)
-    depth: int = _f(min=4)
-    acdc_slices: int = _f(min=1)
-    acdc_frames: int = _f(min=2)
+    chestxray_subjects: Int = _f(min=3)
+    brats2018_subjects: Int = _f(min=3)
+    acdc_subjects: Int = _f(min=3)
+    size: Int = _f(min=16)
+    depth: Int = _f(min=4)
+    acdc_slices: Int = _f(min=1)
+    acdc_frames: Int = _f(min=2)
 
 
-@dataclass(frozen=True)
+@group
 class DataConfig:
-    image_size: int = _f(min=8)
+    image_size: Int = _f(min=8)
     split: SplitConfig = _f()
-    hflip: bool = _f()
-    max_unpacked_bytes: int = _f(min=1)
-    download_timeout_s: float = _f(min=0.1)
-    download_retries: int = _f(min=0)
-    download_backoff_s: float = _f(min=0.0)
+    hflip: Bool = _f()
+    max_unpacked_bytes: Int = _f(min=1)
+    download_timeout_s: Float = _f(min=0.1)
+    download_retries: Int = _f(min=0)
+    download_backoff_s: Float = _f(min=0.0)
     chestxray: ChestXRayConfig = _f()
     brats2018: BratsConfig = _f()
     acdc: AcdcConfig = _f()
     phantoms: PhantomConfig = _f()
 
 
-@dataclass(frozen=True)
+@group
 class ModelConfig:
     """VM-DDPM architecture knobs (vmunet family)."""
 
-    base_channels: int = _f(min=1)
-    channel_mult: list[int] = _f(nonempty=True)
-    blocks_per_stage: int = _f(min=1)
-    time_embed_dim: int = _f(min=1)
-    d_state: int = _f(min=1)
-    ssm_expand: int = _f(min=1)
-    d_conv: int = _f(min=1)
-    dt_rank: int | Literal["auto"] = _f()
+    base_channels: Int = _f(min=1)
+    channel_mult: list[Int] = _f(nonempty=True)
+    blocks_per_stage: Int = _f(min=1)
+    time_embed_dim: Int = _f(min=1)
+    d_state: Int = _f(min=1)
+    ssm_expand: Int = _f(min=1)
+    d_conv: Int = _f(min=1)
+    dt_rank: Int | Literal["auto"] = _f()
     sr: Literal["none", "window", "zigzag", "random"] = _f()
-    sr_window: int = _f(min=1)
-    sr_seed: int = _f(min=0)
-    mss_levels: int = _f(min=1, max=4)
-    cnn_path: bool = _f()
-    ssm_path: bool = _f()
+    sr_window: Int = _f(min=1)
+    sr_seed: Int = _f(min=0)
+    mss_levels: Int = _f(min=1, max=4)
+    cnn_path: Bool = _f()
+    ssm_path: Bool = _f()
     mixer: Literal["csm", "attention"] = _f()
-    attn_heads: int = _f(min=1)
-    dropout: float = _f(min=0.0, max=1.0)
+    attn_heads: Int = _f(min=1)
+    dropout: Float = _f(min=0.0, max=1.0)
     scan_backend: Literal["auto", "cuda", "triton", "cpu", "pscan", "ref"] = _f()
-    checkpointing: bool = _f()
+    checkpointing: Bool = _f()
 
 
-@dataclass(frozen=True)
+@group
 class UNetAttnConfig:
-    base_channels: int = _f(min=1)
-    channel_mult: list[int] = _f(nonempty=True)
-    num_res_blocks: int = _f(min=1)
-    attn_resolutions: list[int] = _f()
-    heads: int = _f(min=1)
-    dropout: float = _f(min=0.0, max=1.0)
+    base_channels: Int = _f(min=1)
+    channel_mult: list[Int] = _f(nonempty=True)
+    num_res_blocks: Int = _f(min=1)
+    attn_resolutions: list[Int] = _f()
+    heads: Int = _f(min=1)
+    dropout: Float = _f(min=0.0, max=1.0)
 
 
-@dataclass(frozen=True)
+@group
 class DiTConfig:
-    patch_size: int = _f(min=1)
-    hidden_size: int = _f(min=1)
-    depth: int = _f(min=1)
-    heads: int = _f(min=1)
-    mlp_ratio: float = _f(min=0.0)
+    patch_size: Int = _f(min=1)
+    hidden_size: Int = _f(min=1)
+    depth: Int = _f(min=1)
+    heads: Int = _f(min=1)
+    mlp_ratio: Float = _f(min=0.0)
 
 
-@dataclass(frozen=True)
+@group
 class GanConfig:
-    z_dim: int = _f(min=1)
-    g_channels: int = _f(min=1)
-    d_channels: int = _f(min=1)
-    lr: float = _f(min=0.0)
-    betas: list[float] = _f(nonempty=True)
-    n_critic: int = _f(min=1)
-    gp_weight: float = _f(min=0.0)
+    z_dim: Int = _f(min=1)
+    g_channels: Int = _f(min=1)
+    d_channels: Int = _f(min=1)
+    lr: Float = _f(min=0.0)
+    betas: list[Float] = _f(nonempty=True)
+    n_critic: Int = _f(min=1)
+    gp_weight: Float = _f(min=0.0)
 
 
-@dataclass(frozen=True)
+@group
 class BaselinesConfig:
     unet_attn: UNetAttnConfig
     dit: DiTConfig
     gan: GanConfig
 
 
-@dataclass(frozen=True)
+@group
 class PresetConfig:
     """A named model of the matrix: a family plus overrides of that family's group."""
 
@@ -186,79 +208,80 @@ class PresetConfig:
     gan_loss: Literal["bce", "wgan_gp"] | None = None
 
 
-@dataclass(frozen=True)
+@group
 class DiffusionConfig:
-    timesteps: int = _f(min=1)
+    timesteps: Int = _f(min=1)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = _f()
-    beta_start: float = _f(min=0.0, max=1.0)
-    beta_end: float = _f(min=0.0, max=1.0)
+    beta_start: Float = _f(min=0.0, max=1.0)
+    beta_end: Float = _f(min=0.0, max=1.0)
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = _f()
 
 
-@dataclass(frozen=True)
+@group
 class TrainConfig:
-    steps: int = _f(min=1)
-    batch_size: int = _f(min=1)
-    grad_accum: int = _f(min=1)
-    lr: float = _f(min=0.0)
-    weight_decay: float = _f(min=0.0)
-    warmup_steps: int = _f(min=0)
-    grad_clip: float = _f(min=0.0)
-    ema_decay: float = _f(min=0.0, max=1.0)
-    ema_warmup_steps: int = _f(min=0)
+    steps: Int = _f(min=1)
+    batch_size: Int = _f(min=1)
+    grad_accum: Int = _f(min=1)
+    lr: Float = _f(min=0.0)
+    weight_decay: Float = _f(min=0.0)
+    warmup_steps: Int = _f(min=0)
+    grad_clip: Float = _f(min=0.0)
+    ema_decay: Float = _f(min=0.0, max=1.0)
+    ema_warmup_steps: Int = _f(min=0)
     amp: Literal["none", "bf16", "fp16"] = _f()
-    deterministic: bool = _f()
-    checkpoint_every: int = _f(min=1)
-    sample_every: int = _f(min=0)
-    sample_grid: int = _f(min=1)
-    log_every: int = _f(min=1)
-    num_workers: int = _f(min=0)
+    deterministic: Bool = _f()
+    checkpoint_every: Int = _f(min=1)
+    sample_every: Int = _f(min=0)
+    sample_grid: Int = _f(min=1)
+    log_every: Int = _f(min=1)
+    num_workers: Int = _f(min=0)
     device: Literal["auto", "cpu", "cuda"] = _f()
 
 
-@dataclass(frozen=True)
+@group
 class SampleConfig:
-    n_images: int = _f(min=0)
-    batch_size: int = _f(min=1)
+    n_images: Int = _f(min=0)
+    batch_size: Int = _f(min=1)
     sampler: Literal["ddpm", "ddim"] = _f()
-    steps: int = _f(min=1)
-    eta: float = _f(min=0.0, max=1.0)
-    use_ema: bool = _f()
-    seed: int = _f(min=0)
+    steps: Int = _f(min=1)
+    eta: Float = _f(min=0.0, max=1.0)
+    use_ema: Bool = _f()
+    seed: Int = _f(min=0)
+    device: Literal["auto", "cpu", "cuda"] = _f()
 
 
-@dataclass(frozen=True)
+@group
 class EvalConfig:
     extractor: Literal["inception", "random-inception"]
-    inception_weights: str | None
+    inception_weights: Str | None
     reference_split: Literal["train", "val", "test"]
-    n_fake: int = _f(min=0)
-    kid_subset_size: int = _f(min=2)
-    kid_subsets: int = _f(min=1)
-    clean_fid: bool = _f()
-    batch_size: int = _f(min=1)
-    memorisation_threshold: float = _f(min=0.0, max=1.0)
-    ddim_steps_sweep: list[int] = _f()
+    n_fake: Int = _f(min=0)
+    kid_subset_size: Int = _f(min=2)
+    kid_subsets: Int = _f(min=1)
+    clean_fid: Bool = _f()
+    batch_size: Int = _f(min=1)
+    memorisation_threshold: Float = _f(min=0.0, max=1.0)
+    ddim_steps_sweep: list[Int] = _f()
     device: Literal["auto", "cpu", "cuda"] = _f()
 
 
-@dataclass(frozen=True)
+@group
 class TrackingConfig:
-    enabled: bool
-    uri: str
-    experiment: str
-    retries: int = _f(min=0)
+    enabled: Bool
+    uri: Str
+    experiment: Str
+    retries: Int = _f(min=0)
 
 
-@dataclass(frozen=True)
+@group
 class Document:
     """The shape of params.yaml itself (before the overlay is applied)."""
 
     scale: Literal["demo", "paper"]
-    seed: int = _f(min=0)
+    seed: Int = _f(min=0)
     cpu_memory: Literal["retain", "release"] = _f()
-    datasets: list[str] = _f(nonempty=True)
-    models: list[str] = _f(nonempty=True)
+    datasets: list[Str] = _f(nonempty=True, items={"enum": list(DATASETS)}, uniqueItems=True)
+    models: list[Str] = _f(nonempty=True, items={"pattern": "^[a-z][a-z0-9_]*$"}, uniqueItems=True)
     paths: PathsConfig = _f()
     data: DataConfig = _f()
     model: ModelConfig = _f()
@@ -269,11 +292,11 @@ class Document:
     sample: SampleConfig = _f()
     eval: EvalConfig = _f()
     tracking: TrackingConfig = _f()
-    scales: dict[str, dict[str, Any]] = _f()
+    scales: dict[str, dict[str, Any] | None] = _f()
 
 
 # ------------------------------------------------------------------------------------------- config
-@dataclass(frozen=True)
+@group
 class Config(Document):
     """The resolved configuration: params.yaml with the chosen scale's overlay and overrides applied.
 
@@ -327,6 +350,12 @@ class Config(Document):
     def metrics_path(self, dataset: str, model: str) -> Path:
         return self.run_dir(dataset, model) / "metrics.json"
 
+    def sweep_path(self, dataset: str, model: str) -> Path:
+        return self.run_dir(dataset, model) / "ddim_sweep.json"
+
+    def sweep_dir(self, dataset: str, model: str) -> Path:
+        return self.run_dir(dataset, model) / "ddim_sweep"
+
     def results_dir(self, *parts: str) -> Path:
         return self._path(self.paths.results, *parts)
 
@@ -341,6 +370,14 @@ class Config(Document):
     def flat(self) -> dict[str, str]:
         """Dotted-key view for MLflow params (values stringified, lists kept readable)."""
         return flatten(self.to_dict())
+
+    def with_sample(self, **changes: Any) -> Config:
+        """A copy whose `sample:` group has `changes` applied (validated like any knob)."""
+        try:
+            sample = dataclasses.replace(self.sample, **changes)
+        except _ValidationError as e:
+            raise ConfigError(_message(e, SampleConfig, self.source, "sample.")) from None
+        return dataclasses.replace(self, sample=sample)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -366,20 +403,19 @@ def load_config(
     doc = read_yaml(path)
     if scale is not None:
         doc["scale"] = scale
-    _check(Document, doc, path, prefix="", partial=False)
+    _validate(Document, doc, path)
     for name, overlay in doc["scales"].items():
         if name not in ("demo", "paper"):
             raise ConfigError(_unknown(path, "scale", f"scales.{name}", ("scales.demo", "scales.paper")))
-        _check(Document, overlay or {}, path, prefix=f"scales.{name}.", partial=True)
+        _validate_partial(Document, doc, overlay or {}, path, f"scales.{name}.")
     if doc["scale"] not in doc["scales"]:
         raise ConfigError(f"{path}: scales.{doc['scale']} is missing; add it (it may be empty: {{}})")
-    resolved = deep_merge({k: v for k, v in doc.items()}, doc["scales"][doc["scale"]] or {})
+    resolved = deep_merge(doc, doc["scales"][doc["scale"]] or {})
     for item in overrides:
         key, value = parse_override(item, path)
         _set_dotted(resolved, key, value, path)
-    _check(Document, resolved, path, prefix="", partial=False)
+    built = _validate(Document, resolved, path)
     _check_semantics(resolved, path)
-    built = _build(Document, resolved)
     return Config(
         **{f.name: getattr(built, f.name) for f in dataclasses.fields(Document)},
         root=path.resolve().parent,
@@ -460,6 +496,150 @@ def _set_dotted(doc: dict[str, Any], key: str, value: Any, path: Path) -> None:
     node[parts[-1]] = value
 
 
+# ------------------------------------------------------------------------------------- validation
+_ADAPTERS: dict[type, TypeAdapter[Any]] = {}
+
+
+def type_adapter(cls: type) -> TypeAdapter[Any]:
+    if cls not in _ADAPTERS:
+        _ADAPTERS[cls] = TypeAdapter(cls)
+    return _ADAPTERS[cls]
+
+
+def _validate(cls: type, data: Any, path: Path, prefix: str = "") -> Any:
+    """`data` as an instance of `cls`; the first problem as a one-line ConfigError."""
+    try:
+        built = type_adapter(cls).validate_python(data)
+    except _ValidationError as e:
+        raise ConfigError(_message(e, cls, path, prefix)) from None
+    if cls is Document:
+        for name, preset in data["presets"].items():
+            if isinstance(preset.get("model"), Mapping):
+                model = dataclasses.asdict(built.model)
+                _validate_partial(ModelConfig, model, preset["model"], path, f"{prefix}presets.{name}.model.")
+    return built
+
+
+def _validate_partial(cls: type, base: Mapping[str, Any], over: Any, path: Path, prefix: str) -> None:
+    """Validate `over`, a partial `cls` (an overlay): merged over the valid `base` it overrides, so only
+    its own keys can be wrong, and every error is reported at `prefix` + the key."""
+    if not isinstance(over, Mapping):
+        where = prefix.rstrip(".")
+        raise ConfigError(f"{path}: {where} must be a mapping of keys, got {type(over).__name__}")
+    _validate(cls, deep_merge(base, over), path, prefix)
+
+
+def _message(e: _ValidationError, cls: type, path: Path, prefix: str) -> str:
+    """The first error of `e` in the project's one-line style (unknown keys first)."""
+    errors = e.errors()
+    errors.sort(key=lambda err: err["type"] not in ("unexpected_keyword_argument", "extra_forbidden"))
+    err = errors[0]
+    parts, tp, is_union = _walk(cls, err["loc"])
+    key = prefix + _dotted(parts)
+    value = err.get("input")
+    kind = err["type"]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return _unknown(path, "key", key, _field_names(_type_at(cls, parts[:-1])))
+    if is_union:  # every member failed: name them all
+        same = [x for x in errors if _walk(cls, x["loc"])[0] == parts]
+        if len(same) > 1:
+            names = " or ".join(_type_name(a) for a in get_args(_strip_optional(tp)))
+            return f"{path}: {key} must be {names}, got {value!r}"
+    if kind == "missing":
+        return f"{path}: {key} is missing; add it (see the project's params.yaml)"
+    if kind == "literal_error":
+        choices = [str(a) for a in get_args(_literal_of(tp))]
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"{path}: {key} must be one of {' | '.join(choices)}, got {value!r}{hint}"
+    if kind in ("int_type", "float_type", "bool_type", "string_type"):
+        name = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str"}[kind]
+        return f"{path}: {key} must be {name}, got {value!r} ({type(value).__name__})"
+    if kind == "greater_than_equal":
+        return f"{path}: {key} must be >= {err['ctx']['ge']}, got {value!r}"
+    if kind == "less_than_equal":
+        return f"{path}: {key} must be <= {err['ctx']['le']}, got {value!r}"
+    if kind == "too_short":
+        return f"{path}: {key} must not be empty"
+    if kind == "list_type":
+        return f"{path}: {key} must be a list, got {value!r}"
+    if kind == "dict_type":
+        return f"{path}: {key} must be a mapping, got {value!r}"
+    if kind in ("dataclass_type", "dataclass_exact_type", "model_type"):
+        where = key or "top level"
+        return f"{path}: {where} must be a mapping of keys, got {type(value).__name__}"
+    return f"{path}: {key or 'top level'}: {err['msg']}"
+
+
+def _strip_optional(tp: Any) -> Any:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+        return typing.Union[tuple(args)]  # noqa: UP007 (a runtime Union of the remaining members)
+    return tp
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _literal_of(tp: Any) -> Any:
+    tp = _strip_optional(tp)
+    if _is_union(tp):
+        return next(a for a in get_args(tp) if get_origin(a) is Literal)
+    return tp
+
+
+def _unwrap(tp: Any) -> Any:
+    """Annotated[int, Strict()] -> int (pydantic's Strict* aliases)."""
+    while get_origin(tp) is typing.Annotated:
+        tp = get_args(tp)[0]
+    return tp
+
+
+def _walk(cls: type, loc: tuple[Any, ...]) -> tuple[list[Any], Any, bool]:
+    """The field path of a pydantic error location (union member tags dropped), the type there, and
+    whether that type is a union of several kinds."""
+    parts: list[Any] = []
+    tp: Any = cls
+    items = list(loc)
+    while items:
+        item = items.pop(0)
+        base = _unwrap(_strip_optional(tp))
+        if _is_union(base):  # a union member tag ('int', "literal['auto']"): the field is the union
+            return parts, tp, True
+        if dataclasses.is_dataclass(base):
+            hints = typing.get_type_hints(base, include_extras=True)
+            parts.append(item)
+            tp = hints.get(item, Any)
+        elif get_origin(base) is dict:
+            parts.append(item)
+            tp = get_args(base)[1] if get_args(base) else Any
+        elif get_origin(base) is list:
+            parts.append(item)
+            tp = get_args(base)[0]
+        else:
+            parts.append(item)
+            tp = Any
+    return parts, tp, _is_union(_unwrap(_strip_optional(tp)))
+
+
+def _type_at(cls: type, parts: list[Any]) -> Any:
+    return _unwrap(_strip_optional(_walk(cls, tuple(parts))[1]))
+
+
+def _field_names(tp: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(tp)] if dataclasses.is_dataclass(tp) else []
+
+
+def _dotted(parts: list[Any]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
 def _unknown(path: Path, what: str, key: str, valid: Iterable[str]) -> str:
     valid = list(valid)
     leaf = key.rsplit(".", 1)
@@ -468,96 +648,10 @@ def _unknown(path: Path, what: str, key: str, valid: Iterable[str]) -> str:
 
 
 def _type_name(tp: Any) -> str:
+    tp = _unwrap(tp)
     if get_origin(tp) is Literal:
         return "one of " + " | ".join(str(a) for a in get_args(tp))
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
-
-
-def _check(cls: type, data: Any, path: Path, prefix: str, partial: bool) -> None:
-    """Validate `data` against dataclass `cls`; `partial` allows missing keys (overlays, presets)."""
-    where = prefix.rstrip(".") or "top level"
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: {where} must be a mapping of keys, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            raise ConfigError(_unknown(path, "key", f"{prefix}{key}", fields))
-    for name, f in fields.items():
-        key = f"{prefix}{name}"
-        if name not in data:
-            has_default = f.default is not dataclasses.MISSING
-            if not partial and not has_default:
-                raise ConfigError(f"{path}: {key} is missing; add it (see the project's params.yaml)")
-            continue
-        _check_value(hints[name], data[name], path, key, partial, f.metadata)
-
-
-def _check_value(tp: Any, value: Any, path: Path, key: str, partial: bool, meta: Mapping[str, Any]) -> None:
-    origin, args = get_origin(tp), get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return
-        errors = []
-        for alt in (a for a in args if a is not type(None)):
-            try:
-                _check_value(alt, value, path, key, partial, meta)
-                return
-            except ConfigError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
-        names = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"{path}: {key} must be {names}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            choices = " | ".join(str(a) for a in args)
-            raise ConfigError(f"{path}: {key} must be one of {choices}, got {value!r}{hint}")
-        return
-    if dataclasses.is_dataclass(tp):
-        if tp is PresetConfig:
-            _check(tp, value, path, key + ".", partial=False)
-            if value.get("model") is not None:
-                _check(ModelConfig, value["model"], path, key + ".model.", partial=True)
-        else:
-            _check(tp, value, path, key + ".", partial)
-        return
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: {key} must be a mapping, got {value!r}")
-        if meta.get("nonempty") and not value:
-            raise ConfigError(f"{path}: {key} must not be empty")
-        if args and args[1] is not Any and dataclasses.is_dataclass(args[1]):
-            for k, v in value.items():
-                _check_value(args[1], v, path, f"{key}.{k}", partial, {})
-        return
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: {key} must be a list, got {value!r}")
-        if meta.get("nonempty") and not value:
-            raise ConfigError(f"{path}: {key} must not be empty")
-        for i, v in enumerate(value):
-            _check_value(args[0], v, path, f"{key}[{i}]", partial, meta)
-        return
-    if tp is Any:
-        return
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }.get(tp)
-    if ok is None:
-        raise TypeError(f"config.py: unsupported field type {tp!r} at {key}")
-    if not ok:
-        raise ConfigError(f"{path}: {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None and tp in (int, float) and value < lo:
-        raise ConfigError(f"{path}: {key} must be >= {lo}, got {value!r}")
-    if hi is not None and tp in (int, float) and value > hi:
-        raise ConfigError(f"{path}: {key} must be <= {hi}, got {value!r}")
 
 
 def _check_semantics(doc: Mapping[str, Any], path: Path) -> None:
@@ -596,30 +690,3 @@ def _suggest(name: str, valid: Iterable[str], head: str = "") -> str:
             reverse=True,
         )
     return f"did you mean {head}{close[0]}?" if close else f"valid: {', '.join(sorted(valid))}"
-
-
-def _build(cls: Any, data: Any) -> Any:
-    """Turn validated plain data into (nested) frozen dataclasses."""
-    if dataclasses.is_dataclass(cls):
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name in data:
-                kwargs[f.name] = _build(hints[f.name], data[f.name])
-        return cls(**kwargs)
-    origin, args = get_origin(cls), get_args(cls)
-    if origin in (typing.Union, types.UnionType):
-        if data is None:
-            return None
-        for alt in (a for a in args if a is not type(None)):
-            if dataclasses.is_dataclass(alt) or get_origin(alt) in (list, dict):
-                return _build(alt, data)
-        return float(data) if float in args and isinstance(data, int) and int not in args else data
-    if origin is dict:
-        vt = args[1] if args else Any
-        return {k: _build(vt, v) for k, v in data.items()}
-    if origin is list:
-        return [_build(args[0], v) for v in data]
-    if cls is float:
-        return float(data)
-    return data

@@ -1,14 +1,18 @@
-"""Atomic file writes: a crash or a kill never leaves a half-written file under a final name.
+"""Atomic files and folders: a crash or a kill never leaves a half-written output under a final name.
 
-Every stage writes through these helpers: write to a temporary file in the same folder, flush and
-fsync, then `os.replace` (atomic on POSIX), so a reader sees the old file or the new one, never a mix.
+Every stage writes through these helpers:
+- a file goes to a temporary file in the same folder, is flushed and fsynced, then `os.replace`d over
+  the target (atomic on POSIX), so a reader sees the old file or the new one, never a mix;
+- a folder is built beside its final name and swapped in only when complete (`build_folder`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -90,3 +94,49 @@ def write_png_grid(path: str | Path, images: Any, pad: int = 2) -> Path:
         top, left = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
         grid[top : top + h, left : left + w] = img
     return write_png(path, grid)
+
+
+@contextlib.contextmanager
+def build_folder(final: str | Path, *, tag: str = "partial", replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder path beside `final`; when the block succeeds it becomes `final`.
+
+    - `replace=True`: the temporary path is `.<name>.<tag>` (a stale one from a killed run is removed
+      first; the block creates the folder); an existing `final` is moved aside and deleted after the
+      swap, so readers see the old folder or the new one.
+    - `replace=False`: the temporary folder is unique (two concurrent builders never collide) and an
+      existing `final` must be empty; otherwise the swap raises OSError and nothing is written.
+
+    On any error in the block the temporary folder is removed and `final` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = final.parent / f".{final.name}.old"
+    if replace:
+        tmp = final.parent / f".{final.name}.{tag}"
+        for stale in (tmp, old):
+            if stale.exists():
+                shutil.rmtree(stale)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=f".{tag}", dir=final.parent))
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a final folder gets the usual mode
+    try:
+        yield tmp
+        if final.exists():
+            if replace:
+                os.replace(final, old)
+            else:
+                final.rmdir()  # OSError unless empty
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vmddpm.config import Config
-from vmddpm.data.imaging import axial, load_nifti, percentile_scale, square_resize
-from vmddpm.data.prepare import Subject
+from vmddpm.data.imaging import Subject, axial, load_nifti, percentile_scale, square_resize
 from vmddpm.errors import UserError
 
 GRADES = ("HGG", "LGG")

@@ -16,8 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vmddpm.config import Config
-from vmddpm.data.imaging import one_line, square_resize
-from vmddpm.data.prepare import Subject
+from vmddpm.data.imaging import Subject, one_line, square_resize
 from vmddpm.errors import UserError
 
 CLASSES = ("NORMAL", "PNEUMONIA")

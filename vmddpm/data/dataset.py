@@ -1,4 +1,4 @@
-"""The one Dataset over prepared slices, plus manifest helpers for evaluation and the reader study.
+"""The one Dataset over prepared slices (the manifest itself is read by `vmddpm.contracts`).
 
 Why flips only: medical images have a fixed anatomy and intensity meaning; crops, rotations or
 intensity jitter would change what "real" looks like for FID. Horizontal flips keep it.
@@ -6,7 +6,6 @@ intensity jitter would change what "real" looks like for FID. Horizontal flips k
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -14,34 +13,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from vmddpm.data.prepare import COLUMNS
+from vmddpm.contracts import split_files
 from vmddpm.errors import UserError
 
 
 def _hint(prepared_dir: Path) -> str:
     return f"run `vmddpm prepare --dataset {Path(prepared_dir).name}`"
-
-
-def read_manifest(prepared_dir: str | Path) -> list[dict[str, str]]:
-    """Rows of `manifest.csv` (file, subject, split, source, slice) of a prepared dataset."""
-    prepared_dir = Path(prepared_dir)
-    manifest = prepared_dir / "manifest.csv"
-    if not manifest.is_file():
-        raise UserError(f"{prepared_dir}: no prepared dataset (manifest.csv missing); {_hint(prepared_dir)}")
-    with manifest.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if tuple(reader.fieldnames or ()) != COLUMNS:
-            raise UserError(
-                f"{manifest}: columns {reader.fieldnames} are not {list(COLUMNS)}; "
-                f"{_hint(prepared_dir)} again"
-            )
-        return list(reader)
-
-
-def split_files(prepared_dir: str | Path, split: str) -> list[Path]:
-    """Absolute paths of the slices of one split, in manifest order."""
-    prepared_dir = Path(prepared_dir)
-    return [prepared_dir / r["file"] for r in read_manifest(prepared_dir) if r["split"] == split]
 
 
 class SliceDataset(Dataset):

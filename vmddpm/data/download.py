@@ -1,4 +1,5 @@
-"""`vmddpm download`: fetch (or locate) a dataset's raw archive, verify it, and extract it safely.
+"""Fetch (or locate) a dataset's raw archive, verify it, and extract it safely: the pieces of the download
+stage (`vmddpm.stages.download`).
 
 Why so careful: the raw archives are large, come over flaky links and from third parties, and every
 later stage trusts what lands in `data/raw/<dataset>`. So:
@@ -19,12 +20,9 @@ goes through exactly the same fetch/verify/extract path via a `file://` URL.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
-import json
 import logging
 import os
-import shutil
 import stat
 import tarfile
 import time
@@ -42,6 +40,7 @@ from vmddpm import io
 from vmddpm.config import Config
 from vmddpm.data.sources import SOURCES, Source
 from vmddpm.errors import UserError
+from vmddpm.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +52,7 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-# ---------------------------------------------------------------------------------------- hashing
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
+# ---------------------------------------------------------------------------------------- checksums
 def checksums_path(cfg: Config) -> Path:
     return cfg.raw_dir("x").parent / "CHECKSUMS"
 
@@ -337,7 +328,7 @@ def find_root(tree: Path, src: Source) -> Path | None:
     return None
 
 
-def _user_path(cfg: Config, value: str) -> Path:
+def user_path(cfg: Config, value: str) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else cfg.root / p
 
@@ -347,7 +338,7 @@ def raw_tree(cfg: Config, dataset: str) -> Path:
     src = SOURCES[dataset]
     dcfg = cfg.dataset(dataset)
     if dcfg.raw_dir:
-        tree = _user_path(cfg, dcfg.raw_dir)
+        tree = user_path(cfg, dcfg.raw_dir)
         key = f"data.{dataset}.raw_dir"
     else:
         tree = cfg.raw_dir(dataset)
@@ -365,7 +356,7 @@ def raw_tree(cfg: Config, dataset: str) -> Path:
     return root
 
 
-def _gated_error(cfg: Config, dataset: str, src: Source, default_archive: Path) -> UserError:
+def gated_error(cfg: Config, dataset: str, src: Source, default_archive: Path) -> UserError:
     return UserError(
         f"{default_archive}: {dataset} is gated and not placed; register and download {src.archive} at "
         f"{src.register_url}, then put it at {default_archive} or set data.{dataset}.archive: PATH "
@@ -375,126 +366,21 @@ def _gated_error(cfg: Config, dataset: str, src: Source, default_archive: Path) 
     )
 
 
-def download_dataset(cfg: Config, dataset: str) -> Path:
-    """`vmddpm download --dataset D`: the raw tree of D, verified and extracted (idempotent)."""
-    from vmddpm.data.phantoms import write_phantoms
-
-    src = SOURCES[dataset]
-    dcfg = cfg.dataset(dataset)
-    if dcfg.raw_dir:
-        root = raw_tree(cfg, dataset)
-        log.info("%s: using the placed raw tree %s", dataset, root)
-        return _user_path(cfg, dcfg.raw_dir)
-
-    raw = cfg.raw_dir(dataset)
-    default_archive = raw.parent / "archives" / dataset / src.archive
-    sums_file = checksums_path(cfg)
-    sum_key = f"{dataset}/{src.archive}"
-    placed: Path | None = None
-    url: str | None = None
-    size: int | None = None
-    if dcfg.archive:
-        placed = _user_path(cfg, dcfg.archive)
-        if not placed.is_file():
-            raise UserError(
-                f"{placed}: no such archive (data.{dataset}.archive in {cfg.source}); "
-                "fix the path or unset it"
-            )
-        kind, expected, size = "placed", src.sha256 or read_checksums(sums_file).get(sum_key), src.size
-    elif dcfg.source == "phantom":
-        phantom = write_phantoms(cfg, dataset, cfg.phantom_dir(dataset), archive=True)
-        kind, expected, url = "phantom", sha256_file(phantom), phantom.resolve().as_uri()
-    elif dcfg.url:
-        kind, expected, url, size = (
-            "official",
-            src.sha256 or read_checksums(sums_file).get(sum_key),
-            dcfg.url,
-            src.size,
-        )
-    elif src.gated:
-        if not default_archive.is_file():
-            raise _gated_error(cfg, dataset, src, default_archive)
-        placed = default_archive
-        kind, expected, size = "placed", src.sha256 or read_checksums(sums_file).get(sum_key), src.size
-    else:
-        kind, expected, url, size = (
-            "official",
-            src.sha256 or read_checksums(sums_file).get(sum_key),
-            src.urls[0],
-            src.size,
-        )
-
-    marker = raw / MARKER
-    if marker.is_file():
-        done = json.loads(marker.read_text())
-        same_archive = placed is None or done.get("archive") == str(placed)
-        if done.get("kind") == kind and same_archive and (expected is None or done.get("sha256") == expected):
-            log.info("%s: already downloaded and extracted in %s (sha256 %s)", dataset, raw, done["sha256"])
-            return raw
-
-    if placed is not None:
-        archive = placed
-        if size is not None and archive.stat().st_size != size:
-            raise UserError(
-                f"{archive}: {archive.stat().st_size} bytes, expected {size}; get the archive again"
-            )
-        sha = sha256_file(archive)
-        if expected is not None and sha != expected:
-            raise UserError(
-                f"{archive}: sha256 {sha} does not match the expected {expected} (from sources.py or "
-                f"{sums_file}); get the archive again"
-            )
-    else:
-        assert url is not None
-        # phantoms are cached apart, so a demo run never leaves a file where the official one goes
-        archive = default_archive.parent / "phantom" / src.archive if kind == "phantom" else default_archive
-        sha = fetch(
-            url,
-            archive,
-            sha256=expected,
-            size=size,
-            timeout=cfg.data.download_timeout_s,
-            retries=cfg.data.download_retries,
-            backoff=cfg.data.download_backoff_s,
-        )
-
-    _install(
-        archive,
-        raw,
-        src,
-        cfg.data.max_unpacked_bytes,
-        {"dataset": dataset, "kind": kind, "sha256": sha, "archive": str(archive), "url": url},
-        delete_bad=placed is None and expected is None,
-    )
-    if expected is None and kind != "phantom":
-        record_checksum(sums_file, sum_key, sha)
-    return raw
-
-
-def _install(
+def install(
     archive: Path, raw: Path, src: Source, max_bytes: int, meta: dict[str, Any], delete_bad: bool
 ) -> None:
     """Extract into a temp folder beside `raw`, check the layout, add the marker, swap it into place."""
-    tmp = raw.parent / f".{raw.name}.extracting"
-    old = raw.parent / f".{raw.name}.old"
-    for stale in (tmp, old):
-        if stale.exists():
-            shutil.rmtree(stale)
     try:
-        extract_archive(archive, tmp, max_bytes)
-        root = find_root(tmp, src)
-        if root is None:
-            raise UserError(
-                f"{archive}: has no {src.root}/ folder; expected the official layout {src.layout}"
-            )
-        log.info("%s: raw tree at %s", src.name, raw / root.relative_to(tmp))
+        with io.build_folder(raw, tag="extracting") as tmp:
+            extract_archive(archive, tmp, max_bytes)
+            root = find_root(tmp, src)
+            if root is None:
+                raise UserError(
+                    f"{archive}: has no {src.root}/ folder; expected the official layout {src.layout}"
+                )
+            log.info("%s: raw tree at %s", src.name, raw / root.relative_to(tmp))
+            io.write_json(tmp / MARKER, meta)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         if delete_bad:  # not verified by a known checksum, and broken: never keep it as good
             archive.unlink(missing_ok=True)
         raise
-    io.write_json(tmp / MARKER, meta)
-    if raw.exists():
-        os.replace(raw, old)
-    os.replace(tmp, raw)
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Shared image helpers of the three dataset readers: NIfTI loading, normalisation, crop + resize.
+"""Shared pieces of the three dataset readers: the `Subject` they yield, NIfTI loading, normalisation,
+crop + resize.
 
 Why one place: ChestXRay, BraTS and ACDC must end up identical in form (square uint8 slices at
 `data.image_size`, resampled the same way), and every read error must become the same kind of
@@ -7,12 +8,21 @@ one-line UserError naming the file.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from vmddpm.errors import UserError
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One patient/subject: its id (the split unit) and the raw files its slices come from."""
+
+    id: str
+    files: tuple[Path, ...]
 
 
 def one_line(e: BaseException) -> str:

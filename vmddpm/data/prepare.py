@@ -1,4 +1,5 @@
-"""`vmddpm prepare`: a dataset's raw tree -> uint8 PNG slices + `manifest.csv` with subject-level splits.
+"""Raw tree -> uint8 PNG slices + `manifest.csv` with subject-level splits: the pieces of the prepare
+stage (`vmddpm.stages.prepare`).
 
 Why these choices:
 - splits are drawn over *subjects* (patients), seeded by `seed`, never over slices: neighbouring slices
@@ -6,10 +7,10 @@ Why these choices:
   and flatter every FID;
 - slices are stored as 8-bit grayscale PNGs because that is exactly what FID reads, so the real set
   and the generated set go through the same decoder;
-- the whole output is built in a temporary folder and renamed into place with `prepare.json` (the
-  fingerprint of every input and knob). A second run with the same inputs is a no-op; an interrupted
-  run leaves the previous output (or nothing) and a rerun completes; a bad input raises a one-line
-  UserError and leaves finished outputs untouched.
+- the whole output is built in a temporary folder and renamed into place (`vmddpm.io.build_folder`)
+  with `prepare.json` (the fingerprint of every input and knob). A second run with the same inputs
+  is a no-op; an interrupted run leaves the previous output (or nothing) and a rerun completes; a bad
+  input raises a one-line UserError and leaves finished outputs untouched.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ import csv
 import io as _io
 import json
 import logging
-import os
-import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 
@@ -31,22 +30,14 @@ from tqdm import tqdm
 
 from vmddpm import io
 from vmddpm.config import Config
+from vmddpm.contracts import MANIFEST, MANIFEST_COLUMNS, SPLITS
+from vmddpm.data.imaging import Subject
 from vmddpm.errors import UserError
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("file", "subject", "split", "source", "slice")
-SPLITS = ("train", "val", "test")
 DONE = "prepare.json"
 VERSION = 1
-
-
-@dataclass(frozen=True)
-class Subject:
-    """One patient/subject: its id (the split unit) and the raw files its slices come from."""
-
-    id: str
-    files: tuple[Path, ...]
 
 
 def reader(dataset: str) -> ModuleType:
@@ -75,7 +66,8 @@ def split_subjects(ids: Sequence[str], fractions: dict[str, float], seed: int) -
     return out
 
 
-def _fingerprint(cfg: Config, dataset: str, root: Path) -> dict[str, object]:
+def fingerprint(cfg: Config, dataset: str, root: Path) -> dict[str, object]:
+    """Every input and knob the prepared output depends on (the raw archive's sha256 when known)."""
     from vmddpm.data.download import MARKER
 
     dcfg = asdict(cfg.dataset(dataset))
@@ -94,75 +86,26 @@ def _fingerprint(cfg: Config, dataset: str, root: Path) -> dict[str, object]:
     }
 
 
-def _png(img: np.ndarray) -> bytes:
+def png(img: np.ndarray) -> bytes:
     buf = _io.BytesIO()
     Image.fromarray(img, mode="L").save(buf, format="PNG")
     return buf.getvalue()
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def prepare_dataset(cfg: Config, dataset: str) -> Path:
-    """`vmddpm prepare --dataset D`: write `cfg.prepared_dir(D)`; returns it."""
-    from vmddpm.data.download import raw_tree
-
-    cfg.dataset(dataset)
-    root = raw_tree(cfg, dataset)
-    out = cfg.prepared_dir(dataset)
-    fp = _fingerprint(cfg, dataset, root)
-    done = out / DONE
-    if done.is_file() and (out / "manifest.csv").is_file():
-        try:
-            same = json.loads(done.read_text()).get("fingerprint") == fp
-        except json.JSONDecodeError:
-            same = False
-        if same:
-            log.info("%s: already prepared in %s (same raw data and knobs)", dataset, out)
-            return out
-
-    mod = reader(dataset)
-    subjects = mod.subjects(root, cfg)
-    limit = cfg.dataset(dataset).max_subjects
-    if limit and len(subjects) > limit:
-        keep = set(np.random.default_rng([cfg.seed, 1]).permutation(len(subjects))[:limit].tolist())
-        subjects = [s for i, s in enumerate(subjects) if i in keep]
-    assign = split_subjects([s.id for s in subjects], asdict(cfg.data.split), cfg.seed)
-
-    tmp = out.parent / f".{out.name}.partial"
-    old = out.parent / f".{out.name}.old"
-    for stale in (tmp, old):
-        if stale.exists():
-            shutil.rmtree(stale)
-    try:
-        rows = _write_slices(mod, subjects, assign, root, cfg, tmp, dataset)
-        if not rows:
-            raise UserError(
-                f"{root}: no slices came out of {len(subjects)} subjects; check the raw data and knobs"
-            )
-        buf = _io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-        io.write_text(tmp / "manifest.csv", buf.getvalue())
-        counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
-        subj = {s: len({r["subject"] for r in rows if r["split"] == s}) for s in SPLITS}
-        io.write_json(
-            tmp / DONE, {"fingerprint": fp, "slices": counts, "subjects": subj, "raw_root": str(root)}
-        )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    log.info("%s: prepared %s slices (subjects %s) in %s", dataset, counts, subj, out)
-    return out
+def write_manifest(folder: Path, rows: list[dict[str, object]]) -> None:
+    """`manifest.csv` (`vmddpm.contracts.MANIFEST_COLUMNS`), atomically."""
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    io.write_text(folder / MANIFEST, buf.getvalue())
 
 
-def _write_slices(
+def write_slices(
     mod: ModuleType,
     subjects: list[Subject],
     assign: dict[str, str],
@@ -178,7 +121,7 @@ def _write_slices(
         split = assign[subject.id]
         it: Iterator[tuple[str, int, np.ndarray]] = mod.slices(subject, root, cfg)
         for n, (source, k, img) in enumerate(it):
-            rel = f"{split}/{_safe(subject.id)}_{n:04d}.png"
-            (tmp / rel).write_bytes(_png(img))  # the folder is renamed into place only when complete
+            rel = f"{split}/{safe_name(subject.id)}_{n:04d}.png"
+            (tmp / rel).write_bytes(png(img))  # the folder is renamed into place only when complete
             rows.append({"file": rel, "subject": subject.id, "split": split, "source": source, "slice": k})
     return rows

@@ -1,6 +1,6 @@
 """VM-DDPM's denoiser: a U-Net of SSLayers whose MSSBlocks fuse a CNN path with a CSM (S6) path.
 
-Structure (PAPER.md "Model"): stem conv -> encoder stages (SSLayers, stride-2 downsampling) ->
+Structure (docs/paper.md, "Model"): stem conv -> encoder stages (SSLayers, stride-2 downsampling) ->
 bottleneck (two SSLayers) -> decoder stages (SSLayers on [h, skip], upsampling) -> norm, act, conv.
 Every SSLayer is a residual unit conditioned on the timestep; its second half is an MSSBlock that
 runs a local CNN path and a global CSM path at `mss_levels` resolutions and fuses them.

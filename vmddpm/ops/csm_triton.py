@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vmddpm.ops.cross_scan import _validate
+from vmddpm.ops.csm_shapes import validate_csm_inputs
 
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -469,7 +469,7 @@ def csm_scan_mamba(
     dtype casts outside the kernels: the sequences are in u's dtype (bf16 under autocast), A, D and
     dt_bias go as given (views, no copies). Returns (B, L, d) in the dtype selective_scan_fn returns
     (u's)."""
-    _validate(u, x_dbl, dt_weight, dt_bias, A, D, idx)
+    validate_csm_inputs(u, x_dbl, dt_weight, dt_bias, A, D, idx)
     k, dim, n = A.shape
     idx, inv = _tables(idx, inv, u.device)
     xs = _CrossScanTokens.apply(u, idx, inv)
@@ -852,7 +852,7 @@ def csm_scan_triton(
     x_dbl, dt_weight, dt_bias, A and D. `tile` (positions per register tile, power of two >= 16)
     and `chunk` (positions between saved states, a multiple of tile) are kernel sizes: the
     backward keeps (B, K, L/chunk, d, N) fp32 states."""
-    _validate(u, x_dbl, dt_weight, dt_bias, A, D, idx)
+    validate_csm_inputs(u, x_dbl, dt_weight, dt_bias, A, D, idx)
     _check_blocks(tile, chunk)
     idx = idx.to(device=u.device, dtype=torch.int64).contiguous()
     return _CsmScanTriton.apply(u, x_dbl, dt_weight, dt_bias, A, D, idx, tile, chunk)

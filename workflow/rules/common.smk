@@ -1,11 +1,15 @@
-# Shared set-up: params.yaml validated by the JSON schema, then resolved (scale overlay) by the same
-# typed module the CLI uses, so the workflow never repeats a default or a path layout.
+# Shared set-up: params.yaml validated by the JSON schema (generated from vmddpm/config.py's models),
+# then resolved (scale overlay) by the same typed module the CLI uses, so the workflow never repeats a
+# default, a path layout, a file contract (vmddpm/contracts.py) or the knobs a stage reads
+# (vmddpm.pipeline.STAGE_PARAMS, which dvc.yaml lists too).
 import os
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 from vmddpm.config import ConfigError, load_config
+from vmddpm.pipeline import stage_params
+from vmddpm.contracts import SCALING_BENCHMARK, samples_grid_path, samples_meta_path
 
 min_version("9.0")
 
@@ -49,27 +53,30 @@ def samples_dir(dataset, model):
     return rel(CFG.samples_dir(dataset, model))
 
 
+def samples_meta(dataset, model):
+    return rel(samples_meta_path(CFG.samples_dir(dataset, model)))
+
+
+def samples_grid(dataset, model):
+    return rel(samples_grid_path(CFG.samples_dir(dataset, model)))
+
+
 def metrics(dataset, model):
     return rel(CFG.metrics_path(dataset, model))
 
 
-def knobs(*keys):
-    """The resolved params slice of a job; a change to any of them reruns exactly the affected jobs."""
-    data = CFG.to_dict()
-    out = {}
-    for key in keys:
-        node = data
-        for part in key.split("."):
-            node = node[part]
-        out[key] = node
-    return out
+def sweep_json(dataset, model):
+    return rel(CFG.sweep_path(dataset, model))
 
 
-def model_knobs(model):
-    preset = CFG.preset(model)
-    keys = {"vmunet": "model", "unet_attn": "baselines.unet_attn", "dit": "baselines.dit"}
-    group = keys.get(preset.family, "baselines.gan")
-    return {**knobs(group, "diffusion", "seed"), "preset": str(preset)}
+def sweep_dir(dataset, model):
+    return rel(CFG.sweep_dir(dataset, model))
+
+
+def knobs(stage):
+    """The resolved knobs a job of `stage` reads (vmddpm.pipeline.STAGE_PARAMS); a change to any of them
+    reruns exactly the affected jobs."""
+    return lambda w: stage_params(CFG, stage, dataset=w.get("dataset"), model=w.get("model"))
 
 
 def gpu(n):
@@ -82,4 +89,6 @@ REPORT_OUTPUTS = [
     for name in ("main.md", "main.csv", "ablation.md", "ablation.csv", "summary.json")
 ]
 FIGURES = rel(CFG.results_dir("figures"))
+SCALING = rel(CFG.results_dir(*SCALING_BENCHMARK.split("/")))
+REFERENCE = rel(CFG.results_dir("paper", "reference.csv"))
 DVC_DONE = "logs/dvc_commit.done"

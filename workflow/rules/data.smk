@@ -3,7 +3,7 @@ rule download:
         directory(raw("{dataset}")),
     params:
         cli=CLI,
-        data=lambda w: knobs(f"data.{w.dataset}", "data.phantoms", "data.max_unpacked_bytes"),
+        knobs=knobs("download"),
     log:
         "logs/download/{dataset}.log",
     benchmark:
@@ -25,7 +25,7 @@ rule prepare:
         directory(prepared("{dataset}")),
     params:
         cli=CLI,
-        data=lambda w: knobs("data.image_size", "data.split", f"data.{w.dataset}", "seed"),
+        knobs=knobs("prepare"),
     log:
         "logs/prepare/{dataset}.log",
     benchmark:

@@ -6,7 +6,7 @@ rule evaluate:
         metrics("{dataset}", "{model}"),
     params:
         cli=CLI,
-        eval=lambda w: knobs("eval"),
+        knobs=knobs("evaluate"),
     log:
         "logs/evaluate/{dataset}/{model}.log",
     benchmark:

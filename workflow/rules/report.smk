@@ -1,6 +1,9 @@
 rule report:
     input:
-        expand(metrics("{dataset}", "{model}"), dataset=DATASETS, model=MODELS),
+        metrics=expand(metrics("{dataset}", "{model}"), dataset=DATASETS, model=MODELS),
+        sweeps=expand(sweep_json("{dataset}", "{model}"), dataset=DATASETS, model=MODELS),
+        reference=REFERENCE,
+        scaling=SCALING,
     output:
         [report(p, category="Tables", caption="../report/tables.rst") for p in REPORT_OUTPUTS],
         report(
@@ -11,7 +14,7 @@ rule report:
         ),
     params:
         cli=CLI,
-        matrix=knobs("datasets", "models", "scale"),
+        knobs=knobs("report"),
     log:
         "logs/report.log",
     benchmark:

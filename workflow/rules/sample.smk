@@ -4,11 +4,11 @@ rule sample:
         reference=lambda w: prepared(w.dataset),
     output:
         samples=directory(samples_dir("{dataset}", "{model}")),
-        grid=samples_dir("{dataset}", "{model}") + "_grid.png",
-        meta=samples_dir("{dataset}", "{model}") + "_meta.json",
+        grid=samples_grid("{dataset}", "{model}"),
+        meta=samples_meta("{dataset}", "{model}"),
     params:
         cli=CLI,
-        sample=lambda w: knobs("sample", "diffusion", "eval.reference_split"),
+        knobs=knobs("sample"),
     log:
         "logs/sample/{dataset}/{model}.log",
     benchmark:

@@ -6,8 +6,7 @@ rule train:
     params:
         params=PARAMS,
         scale=SCALE,
-        model=lambda w: model_knobs(w.model),
-        train=lambda w: knobs("train", "data.hflip", "data.image_size"),
+        knobs=knobs("train"),
         launcher=lambda w, threads, resources: (
             f"torchrun --standalone --nproc_per_node {resources.gpu} -m vmddpm" if resources.gpu > 1 else "vmddpm"
         ),

@@ -1,8 +1,9 @@
-"""`vmddpm train` / `vmddpm sample` for the gan family (dcgan, wgan_gp): the GAN training loop.
+"""`vmddpm train` for the gan family (dcgan, wgan_gp): the GAN training loop.
 
 Why a loop of its own: a GAN alternates discriminator (critic) and generator updates with two
-optimisers, which the diffusion loop in `vmddpm.train` does not do. Everything around the loop is
-kept identical so that `sample`, `evaluate` and the workflow treat GANs as any other model:
+optimisers, which the diffusion loop (`vmddpm.stages.train`) does not do. Everything around the loop is
+the same training kit (`vmddpm.trainkit`), so `sample`, `evaluate` and the workflow treat GANs as any
+other model:
 
 - the same files in `cfg.train_dir(dataset, model)`: `last.pt` (full state: generator, discriminator,
   EMA of the generator, both optimisers, step, global RNG states, the latent/penalty RNG, the data
@@ -12,13 +13,12 @@ kept identical so that `sample`, `evaluate` and the workflow treat GANs as any o
   `loss` is the generator loss so the column means "the objective being minimised" everywhere);
 - automatic resume from `last.pt`; re-invoking a finished run (model.pt at >= train.steps) is a no-op;
 - one MLflow run (stage=train) with the losses per logged step;
-- determinism as in `vmddpm.train`: init from `seed`, latents and gradient-penalty mixing weights from
-  one checkpointed `torch.Generator`, data order from `EpochSampler`; a killed and resumed CPU run
+- determinism as in the diffusion loop: init from `seed`, latents and gradient-penalty mixing weights
+  from one checkpointed `torch.Generator`, data order from `EpochSampler`; a killed and resumed CPU run
   reaches bit-identical weights.
 
-Objectives: `bce` = the non-saturating DCGAN loss (D: BCE(real=1, fake=0); G: BCE(D(G(z)), 1));
-`wgan_gp` = WGAN with gradient penalty (Gulrajani et al., 2017): `n_critic` critic steps per generator
-step, penalty `gp_weight * (||grad D(x_hat)|| - 1)^2` on random interpolates.
+The objectives are `vmddpm.adversarial`: `bce` (non-saturating DCGAN) and `wgan_gp` (`n_critic` critic
+steps per generator step, gradient penalty `gp_weight`).
 """
 
 from __future__ import annotations
@@ -30,76 +30,46 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from vmddpm import __version__, cpu_memory
-from vmddpm.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
+from vmddpm.adversarial import discriminator_loss, generator_loss
 from vmddpm.config import Config
+from vmddpm.contracts import FINAL, GAN_HISTORY_FIELDS, HISTORY, LAST
 from vmddpm.errors import UserError
+from vmddpm.runtime import resolve_device, set_determinism
 from vmddpm.tracking import start_run
-from vmddpm.train import (
-    FINAL,
-    HISTORY,
-    LAST,
+from vmddpm.trainkit import (
     EpochSampler,
-    _batch_images,
     already_trained,
+    batch_images,
+    capture_rng_state,
     close_run,
-    load_dataset,
-    resolve_device,
+    hflip,
+    load_training_split,
+    make_ema,
+    make_loader,
     resume,
-    set_determinism,
+    save_checkpoint,
     update_ema,
     write_history,
 )
 
 log = logging.getLogger(__name__)
 
-HISTORY_FIELDS = ("step", "loss", "loss_g", "loss_d", "lr", "images_per_s")
-
-
-def gradient_penalty(
-    disc: nn.Module, real: torch.Tensor, fake: torch.Tensor, gen: torch.Generator
-) -> torch.Tensor:
-    """WGAN-GP penalty E[(||grad_x D(x_hat)||_2 - 1)^2] on random interpolates of real and fake."""
-    alpha = torch.rand(real.shape[0], 1, 1, 1, generator=gen).to(real.device)
-    x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
-    (grad,) = torch.autograd.grad(disc(x_hat).sum(), x_hat, create_graph=True)
-    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
-
-
-def discriminator_loss(
-    dnet: nn.Module,
-    real: torch.Tensor,
-    fake: torch.Tensor,
-    wgan: bool,
-    gp_weight: float,
-    gen: torch.Generator,
-) -> torch.Tensor:
-    """WGAN-GP critic loss (with the penalty, which draws from `gen`) or the non-saturating DCGAN
-    discriminator loss; one definition for training and for `benchmarks/bench_models.py`."""
-    d_real, d_fake = dnet(real), dnet(fake)
-    if wgan:
-        return d_fake.mean() - d_real.mean() + gp_weight * gradient_penalty(dnet, real, fake, gen)
-    return F.binary_cross_entropy_with_logits(
-        d_real, torch.ones_like(d_real)
-    ) + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
-
-
-def generator_loss(score: torch.Tensor, wgan: bool) -> torch.Tensor:
-    """-E[D(G(z))] for WGAN, the non-saturating BCE for DCGAN, from the discriminator's `score`."""
-    return -score.mean() if wgan else F.binary_cross_entropy_with_logits(score, torch.ones_like(score))
-
 
 def train_gan(cfg: Config, dataset: str, model: str) -> Path:
     """Train gan preset `model` on `dataset` (resuming from `last.pt`); returns the train folder."""
+    from tqdm.auto import tqdm
+
     from vmddpm.nn.registry import build_gan, model_signature
 
     preset = cfg.preset(model)
+    cfg.dataset(dataset)
+    if preset.family != "gan":
+        raise UserError(
+            f"{cfg.source}: presets.{model} is a {preset.family} model, not a GAN: `vmddpm train` trains "
+            "it with the diffusion train stage (vmddpm.stages.train.train)"
+        )
     out = cfg.train_dir(dataset, model)
     signature = model_signature(cfg, model)
     final = out / FINAL
@@ -107,14 +77,14 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
         return out
 
     tc, gc = cfg.train, cfg.baselines.gan
-    device = resolve_device(tc.device)
+    device = resolve_device(tc.device, "train.device")
     set_determinism(tc.deterministic)
-    data = load_dataset(cfg, dataset)
+    data = load_training_split(cfg, dataset)
     cpu_memory.configure(cfg.cpu_memory, device.type)  # once the inputs are known good
     torch.manual_seed(cfg.seed)
     gnet, dnet = build_gan(cfg, model)
     gnet, dnet = gnet.to(device), dnet.to(device)
-    ema = AveragedModel(gnet, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+    ema = make_ema(gnet, tc.ema_decay)
     betas = (gc.betas[0], gc.betas[1])
     opt_g = torch.optim.Adam(gnet.parameters(), lr=gc.lr, betas=betas)
     opt_d = torch.optim.Adam(dnet.parameters(), lr=gc.lr, betas=betas)
@@ -130,14 +100,7 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
 
     per_step = tc.batch_size * n_critic  # every critic step draws a fresh real batch
     sampler = EpochSampler(len(data), cfg.seed, start=step * per_step)
-    loader = DataLoader(
-        data,
-        batch_size=tc.batch_size,
-        sampler=sampler,
-        num_workers=tc.num_workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    loader = make_loader(data, sampler, tc.batch_size, tc.num_workers, cfg.seed, device.type == "cuda")
 
     def full_state() -> dict[str, Any]:
         return {
@@ -159,7 +122,7 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
 
     def checkpoint() -> None:
         save_checkpoint(last, full_state())
-        write_history(out / HISTORY, history, HISTORY_FIELDS)
+        write_history(out / HISTORY, history, GAN_HISTORY_FIELDS)
 
     def finish() -> Path:
         checkpoint()
@@ -196,10 +159,9 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
         dnet.train()
         while step < tc.steps:
             for _ in range(n_critic):
-                real = _batch_images(next(batches)).to(device).float()
+                real = batch_images(next(batches)).to(device).float()
                 if cfg.data.hflip:
-                    flip = torch.rand(real.shape[0], generator=noise_gen) < 0.5
-                    real = torch.where(flip.to(device)[:, None, None, None], real.flip(-1), real)
+                    real = hflip(real, noise_gen)
                 z = torch.randn(real.shape[0], gc.z_dim, generator=noise_gen).to(device)
                 with torch.no_grad():
                     fake = gnet(z)
@@ -237,41 +199,3 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
         path = finish()
         close_run(run, out, path)
     return out
-
-
-_CACHE: dict[tuple[str, int, bool], tuple[nn.Module, int]] = {}
-
-
-def load_generator(cfg: Config, dataset: str, model: str) -> tuple[nn.Module, int]:
-    """The trained generator of `model.pt` (EMA weights if `sample.use_ema`), eval mode on CPU, and its step.
-
-    Cached per file version: `sample` calls `generate` once per batch.
-    """
-    from vmddpm.nn.registry import build_gan, model_signature
-
-    path = cfg.train_dir(dataset, model) / FINAL
-    if not path.is_file():
-        raise UserError(
-            f"{path}: no trained model; run `vmddpm train --dataset {dataset} --model {model}` first"
-        )
-    key = (str(path), path.stat().st_mtime_ns, cfg.sample.use_ema)
-    if key not in _CACHE:
-        state = load_checkpoint(path, expect=model_signature(cfg, model))
-        gnet, _ = build_gan(cfg, model)
-        gnet.load_state_dict(state["ema" if cfg.sample.use_ema else "model"])
-        _CACHE.clear()
-        _CACHE[key] = (gnet.eval(), int(state["step"]))
-    return _CACHE[key]
-
-
-@torch.no_grad()
-def generate(cfg: Config, dataset: str, model: str, seeds: list[int]) -> torch.Tensor:
-    """(len(seeds), 1, S, S) images in [-1, 1]; image i's latent comes from `seeds[i]` alone.
-
-    The generator runs in eval mode (BatchNorm uses its running statistics), so an image does not
-    depend on the other images of its batch.
-    """
-    gnet, _ = load_generator(cfg, dataset, model)
-    z_dim = cfg.baselines.gan.z_dim
-    z = torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-    return gnet(z).clamp(-1, 1)

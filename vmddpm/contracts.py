@@ -1,0 +1,184 @@
+"""The file contracts between stages, each written once: what one stage writes and the next one reads.
+
+Torch-free and pydantic-free on purpose: the Snakemake rules, the CLI and the report import it.
+
+- **prepared dataset** (prepare -> train, sample, evaluate, sweep, report, reader study):
+  `data/prepared/<dataset>/manifest.csv` with `MANIFEST_COLUMNS`, one row per PNG slice; `split` is one of
+  `SPLITS`, drawn over subjects.
+- **train folder** (train -> sample, sweep): `LAST` (full state, resumable), `FINAL` (the weights the
+  sample stage reads), `HISTORY` (`HISTORY_FIELDS`, GANs `GAN_HISTORY_FIELDS`).
+- **samples** (sample -> evaluate, report, reader study): `<samples>/000000.png ...`, image i drawn from
+  `image_seed(sample.seed, i)`; beside the folder `samples_meta_path()` (`SAMPLES_META_FIELDS`) and
+  `samples_grid_path()`.
+- **metrics.json** (evaluate -> report): at least `METRICS_FIELDS`.
+- **ddim_sweep.json** (sweep -> report): `SWEEP_FIELDS`, one row `{steps, fid, n_fake}` per step count.
+- **comparable to the paper**: `comparable(scale, extractor)` decides it where a number is made,
+  `is_comparable(record)` re-checks it where a number is read; `label()` is what a table or figure says.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vmddpm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DATASETS: tuple[str, ...] = ("chestxray", "brats2018", "acdc")
+FAMILIES: tuple[str, ...] = ("vmunet", "unet_attn", "dit", "gan")
+DEFAULT_PARAMS = "params.yaml"
+
+# ------------------------------------------------------------------------------ comparable to the paper
+DEMO_LABEL = "demo — not comparable to the paper"
+"""The label every number, table and figure made at demo scale or with the random extractor carries."""
+
+
+def comparable(scale: str | None, extractor: str | None) -> bool:
+    """A number may stand beside the paper's only at paper scale with the real Inception weights."""
+    return scale == "paper" and extractor == "inception"
+
+
+def is_comparable(record: Mapping[str, Any]) -> bool:
+    """The rule applied to a written record (metrics.json, a table row): its own flag and the rule agree."""
+    return bool(record.get("comparable_to_paper")) and comparable(
+        record.get("scale"), record.get("extractor")
+    )
+
+
+def label(is_comparable_: bool) -> str:
+    """ "" for a comparable number, else `DEMO_LABEL`."""
+    return "" if is_comparable_ else DEMO_LABEL
+
+
+# ---------------------------------------------------------------------------------- prepared dataset
+MANIFEST = "manifest.csv"
+MANIFEST_COLUMNS = ("file", "subject", "split", "source", "slice")
+SPLITS = ("train", "val", "test")
+
+
+def _prepare_hint(prepared_dir: Path) -> str:
+    return f"run `vmddpm prepare --dataset {Path(prepared_dir).name}`"
+
+
+def read_manifest(prepared_dir: str | Path) -> list[dict[str, str]]:
+    """Rows of `manifest.csv` (file, subject, split, source, slice) of a prepared dataset."""
+    prepared_dir = Path(prepared_dir)
+    manifest = prepared_dir / MANIFEST
+    if not manifest.is_file():
+        raise UserError(
+            f"{prepared_dir}: no prepared dataset (manifest.csv missing); {_prepare_hint(prepared_dir)}"
+        )
+    with manifest.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
+            raise UserError(
+                f"{manifest}: columns {reader.fieldnames} are not {list(MANIFEST_COLUMNS)}; "
+                f"{_prepare_hint(prepared_dir)} again"
+            )
+        return list(reader)
+
+
+def split_files(prepared_dir: str | Path, split: str) -> list[Path]:
+    """Absolute paths of the slices of one split, in manifest order."""
+    prepared_dir = Path(prepared_dir)
+    return [prepared_dir / r["file"] for r in read_manifest(prepared_dir) if r["split"] == split]
+
+
+# ------------------------------------------------------------------------------------- train folder
+LAST = "last.pt"
+FINAL = "model.pt"
+HISTORY = "history.csv"
+HISTORY_FIELDS = ("step", "loss", "lr", "images_per_s")
+GAN_HISTORY_FIELDS = ("step", "loss", "loss_g", "loss_d", "lr", "images_per_s")
+
+
+# ------------------------------------------------------------------------------------------ samples
+SEED_STRIDE = 1_000_003
+SAMPLES_META_FIELDS = (
+    "dataset",
+    "model",
+    "family",
+    "sampler",
+    "steps",
+    "eta",
+    "use_ema",
+    "seed",
+    "seed_rule",
+    "checkpoint_step",
+    "image_size",
+)
+
+
+def image_seed(base: int, i: int) -> int:
+    """Seed of image i for `sample.seed` = base (distinct bases never share an image seed below 1e6)."""
+    return base * SEED_STRIDE + i
+
+
+def samples_meta_path(samples_dir: str | Path) -> Path:
+    """`<samples>_meta.json` beside the samples folder: how its images were drawn."""
+    samples_dir = Path(samples_dir)
+    return samples_dir.parent / f"{samples_dir.name}_meta.json"
+
+
+def samples_grid_path(samples_dir: str | Path) -> Path:
+    samples_dir = Path(samples_dir)
+    return samples_dir.parent / f"{samples_dir.name}_grid.png"
+
+
+def read_samples_meta(samples_dir: str | Path) -> dict[str, Any] | None:
+    """The samples meta of a folder, or None when absent or unreadable (a warning says which)."""
+    path = samples_meta_path(samples_dir)
+    if not path.is_file():
+        return None
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("%s: unreadable (%s)", path, e)
+        return None
+
+
+# ------------------------------------------------------------------------------------- metrics.json
+METRICS_FIELDS = (
+    "dataset",
+    "model",
+    "fid",
+    "kid_mean",
+    "kid_std",
+    "fid_clean",
+    "fid_real_floor",
+    "n_real",
+    "n_fake",
+    "extractor",
+    "weights_sha256",
+    "resize",
+    "sampler",
+    "steps",
+    "seed",
+    "scale",
+    "comparable_to_paper",
+    "label",
+    "memorised_share",
+    "memorised_count",
+    "nn_distance_min",
+    "nn_distance_median",
+    "memorisation_threshold",
+)
+"""Fields every metrics.json carries: the protocol, identification and the memorisation check."""
+
+# ----------------------------------------------------------------------------------- ddim_sweep.json
+SWEEP_FILE = "ddim_sweep.json"
+SWEEP_DIR = "ddim_sweep"
+SWEEP_FIELDS = ("dataset", "model", "sampler", "eta", "extractor", "scale", "label", "applicable", "rows")
+
+# -------------------------------------------------------------------------------- scaling benchmark
+SCALING_BENCHMARK = "benchmarks/scaling.json"
+"""Under `paths.results`: written by benchmarks/bench_scaling.py, read by the report (claim C5):
+`{"points": [{"variant" (or "mixer"), "pixels", "step_s_median", "peak_mem_mb", ...} | {..., "error"}]}`."""
+SCALING_X = "pixels"
+SCALING_TIME = "step_s_median"
+SCALING_MEMORY = "peak_mem_mb"

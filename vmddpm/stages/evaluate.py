@@ -1,0 +1,211 @@
+"""`vmddpm evaluate`: FID/KID with a recorded protocol, a clean-fid cross-check, the real-vs-real floor and
+a memorisation check of one model's samples, written to `metrics.json` (fields: `vmddpm.contracts`).
+
+The maths is `vmddpm.metrics`; the extractor, the reference set and its cached features are
+`vmddpm.evalkit` (shared with the sweep stage). How the samples were drawn comes from the sample stage's
+`<samples>_meta.json` when present. One MLflow run per invocation, metrics at the checkpoint's training
+step, so evaluations of runs trained for different lengths make an FID-against-step curve in the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vmddpm import io as vio
+from vmddpm.config import Config
+from vmddpm.contracts import comparable, label, read_samples_meta, samples_meta_path
+from vmddpm.errors import UserError
+from vmddpm.evalkit import (
+    PROTOCOL_VERSION,
+    check_kid_size,
+    load_extractor,
+    reference_features,
+    reference_set,
+    reference_tag,
+)
+from vmddpm.metrics.extractor import FEATURE_LAYER, RESIZE_CLEAN, Extractor, resize_protocol
+from vmddpm.metrics.features import extract_clean_features, extract_features
+from vmddpm.metrics.fid import frechet_distance, kernel_distance
+from vmddpm.metrics.images import ImageSet, list_images, load_folder
+from vmddpm.metrics.memorisation import memorisation
+
+log = logging.getLogger(__name__)
+
+
+def _sampler_fields(cfg: Config, model: str, samples: Path) -> dict[str, Any]:
+    """How the samples were drawn: the sample stage's `<samples>_meta.json` when present (it records
+    what was actually run, including the checkpoint step), else what the config says."""
+    meta = read_samples_meta(samples)
+    if meta is not None:
+        return {
+            "sampler": meta.get("sampler"),
+            "steps": meta.get("steps"),
+            "seed": meta.get("seed"),
+            "eta": meta.get("eta"),
+            "checkpoint_step": meta.get("checkpoint_step"),
+            "samples_meta": str(samples_meta_path(samples)),
+        }
+    if cfg.preset(model).family == "gan":
+        return {"sampler": "gan", "steps": None, "seed": cfg.sample.seed, "checkpoint_step": None}
+    return {
+        "sampler": cfg.sample.sampler,
+        "steps": cfg.sample.steps,
+        "seed": cfg.sample.seed,
+        "eta": cfg.sample.eta if cfg.sample.sampler == "ddim" else None,
+        "checkpoint_step": None,
+    }
+
+
+def compute_metrics(
+    cfg: Config,
+    real: ImageSet,
+    fake: ImageSet,
+    train: ImageSet | None,
+    ex: Extractor,
+    cache_tag: str,
+) -> dict[str, Any]:
+    """Every number of metrics.json for one generated set against one reference set."""
+    check_kid_size(cfg, (real, fake))
+    if real.pixels.shape[1:] != fake.pixels.shape[1:]:
+        raise UserError(
+            f"{fake.folder}: images are {fake.pixels.shape[2]}x{fake.pixels.shape[1]} but the reference "
+            f"{real.folder} has {real.pixels.shape[2]}x{real.pixels.shape[1]}; sample at data.image_size"
+        )
+    ref = reference_features(cfg, real, ex, cache_tag)
+    feats = extract_features(fake.pixels, ex, cfg.eval.batch_size, desc="generated features")
+    kid_mean, kid_std = kernel_distance(
+        ref["feats"], feats, cfg.eval.kid_subset_size, cfg.eval.kid_subsets, cfg.seed
+    )
+    fid_clean = None
+    if cfg.eval.clean_fid:
+        fid_clean = frechet_distance(
+            ref["feats_clean"], extract_clean_features(fake.files, ex, cfg.eval.batch_size)
+        )
+    same_protocol = comparable(cfg.scale, ex.kind)
+    out: dict[str, Any] = {
+        "fid": frechet_distance(ref["feats"], feats),
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "fid_clean": fid_clean,
+        "fid_real_floor": ref["floor"],
+        "n_real": len(real),
+        "n_fake": len(fake),
+        "extractor": ex.kind,
+        "weights_sha256": ex.weights_sha256,
+        "feature_layer": f"pool3 {FEATURE_LAYER}-d",
+        "resize": resize_protocol(ex),
+        "resize_clean": RESIZE_CLEAN if cfg.eval.clean_fid else None,
+        "image_size": int(fake.pixels.shape[1]),
+        "kid_subset_size": cfg.eval.kid_subset_size,
+        "kid_subsets": cfg.eval.kid_subsets,
+        "scale": cfg.scale,
+        "comparable_to_paper": same_protocol,
+        "label": label(same_protocol),
+        "reference_key": ref["key"],
+        "protocol_version": PROTOCOL_VERSION,
+        "versions": _versions(),
+    }
+    if train is not None:
+        out.update(
+            memorisation(
+                fake.pixels, train.pixels, cfg.eval.memorisation_threshold, cfg.data.hflip, ex.device
+            )
+        )
+        if out["memorised_count"]:
+            log.warning(
+                "%s: %d of %d generated images are within %.3g of a training image (possible memorisation)",
+                fake.folder,
+                out["memorised_count"],
+                len(fake),
+                cfg.eval.memorisation_threshold,
+            )
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import cleanfid
+    import torch_fidelity
+
+    return {
+        "torch": torch.__version__,
+        "torch_fidelity": torch_fidelity.__version__,
+        "clean_fid": getattr(cleanfid, "__version__", "unknown"),
+    }
+
+
+def evaluate(
+    cfg: Config,
+    dataset: str,
+    model: str,
+    samples: Path | None = None,
+    out: Path | None = None,
+) -> Path:
+    """`vmddpm evaluate`: metrics.json for `model`'s samples on `dataset` (and an MLflow run)."""
+    cfg.dataset(dataset)
+    cfg.preset(model)
+    samples = Path(samples) if samples is not None else cfg.samples_dir(dataset, model)
+    out = Path(out) if out is not None else cfg.metrics_path(dataset, model)
+    list_images(samples)  # a bad samples folder fails fast, before the reference set is read
+    real, train = reference_set(cfg, dataset)
+    n_fake = cfg.eval.n_fake or len(real)
+    fake = load_folder(samples, "generated", limit=n_fake)
+    ex = load_extractor(cfg)
+    metrics = {
+        "dataset": dataset,
+        "model": model,
+        **_sampler_fields(cfg, model, samples),
+        "reference_split": cfg.eval.reference_split,
+        "samples_dir": str(samples),
+        **compute_metrics(cfg, real, fake, train, ex, cache_tag=reference_tag(cfg, dataset)),
+    }
+    vio.write_json(out, metrics)
+    log.info(
+        "%s/%s: FID %.4g (clean-fid %s, real floor %s), KID %.4g ± %.2g, memorised %.1f%% -> %s",
+        dataset,
+        model,
+        metrics["fid"],
+        _fmt(metrics["fid_clean"]),
+        _fmt(metrics["fid_real_floor"]),
+        metrics["kid_mean"],
+        metrics["kid_std"],
+        100 * metrics.get("memorised_share", 0.0),
+        out,
+    )
+    _track(cfg, dataset, model, metrics, out)
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def _track(cfg: Config, dataset: str, model: str, metrics: dict[str, Any], out: Path) -> None:
+    """One MLflow run per evaluate invocation (vmddpm.tracking owns the store, tags and retries).
+
+    Metrics are logged at step = the checkpoint's training step (else train.steps) so that evaluations
+    of runs trained for different lengths
+    (e.g. `dvc exp run -S train.steps=...`) make an FID-against-training-step curve in the report.
+    """
+    from vmddpm.tracking import start_run
+
+    numeric = {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
+    }
+    params = {
+        k: str(metrics[k])
+        for k in ("extractor", "weights_sha256", "resize", "sampler", "steps", "seed", "reference_split")
+        if k in metrics
+    }
+    with start_run(
+        cfg, "evaluate", dataset=dataset, model=model, tags={"label": metrics["label"] or "paper-protocol"}
+    ) as run:
+        run.log_params({f"eval_protocol.{k}": v for k, v in params.items()})
+        step = metrics.get("checkpoint_step")
+        run.log_metrics(numeric, step=step if isinstance(step, int) else cfg.train.steps)
+        run.log_artifact(out)

@@ -1,0 +1,422 @@
+"""`vmddpm train` for the diffusion families (vmunet, unet_attn, dit): a registry network -> a trained
+diffusion model, resumably. (The gan family trains in `vmddpm.stages.gan`; `vmddpm train` picks by family.)
+
+Files in `cfg.train_dir(dataset, model)` (= `runs/<dataset>/<model>/train/`, the declared output of the
+train stage as a whole folder; names in `vmddpm.contracts`):
+
+- `last.pt`     full training state, rewritten atomically every `train.checkpoint_every` steps and at
+                the end: {model, ema, optimizer, scaler, lr_scheduler, step, rng (python/numpy/torch/
+                cuda), noise_rng (per rank), sampler (seed/epoch/offset), config (resolved), signature,
+                version, scan_backend, history}. `vmddpm train` resumes from it automatically.
+- `model.pt`    written once at the end: {model, ema, step, signature, config, version, scan_backend,
+                rank_hashes}. The sample stage reads its `ema` (or `model`) weights. When it exists and
+                its step >= `train.steps`, re-running `vmddpm train` is a no-op.
+- `history.csv` step, loss, lr, images_per_s every `train.log_every` steps (rewritten at each checkpoint,
+                so it always matches `last.pt`).
+- `grids/step_XXXXXXXX.png` EMA sample grids every `train.sample_every` steps (0 = never).
+
+Design choices:
+- determinism: model init from `seed`; the diffusion noise, the timesteps and the hflip augmentation
+  come from one per-rank `torch.Generator` whose state is checkpointed; the data order comes from a
+  per-epoch permutation of `seed + epoch`, resumed from the number of samples consumed; the DataLoader
+  gets its own generator, so nothing depends on the global RNG except dropout (also checkpointed).
+  With `train.deterministic` a killed and resumed CPU run reaches bit-identical weights.
+- DDP under `torchrun`: gloo on CPU, nccl on CUDA; each rank reads its own shard of every epoch's
+  permutation and its own noise seed; rank 0 alone writes files and logs to MLflow.
+- AMP (bf16/fp16) only on CUDA; the loss and the optimiser state stay fp32 (the nets keep the scan
+  state in fp32).
+
+The run is a `Trainer`: the state of one training run (networks, optimiser, generators, step, history)
+with one method per thing a step does, so `train()` reads as the loop it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+from tqdm.auto import tqdm
+
+from vmddpm import __version__, cpu_memory
+from vmddpm.config import Config
+from vmddpm.contracts import FINAL, HISTORY, LAST, image_seed
+from vmddpm.errors import UserError
+from vmddpm.io import write_png_grid
+from vmddpm.runtime import resolve_device, scan_backend_of, set_determinism, state_hash
+from vmddpm.tracking import NullRun, start_run
+from vmddpm.trainkit import (
+    EpochSampler,
+    already_trained,
+    batch_images,
+    capture_rng_state,
+    close_run,
+    hflip,
+    load_training_split,
+    make_ema,
+    make_loader,
+    resume,
+    save_checkpoint,
+    update_ema,
+    write_history,
+)
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: Config, dataset: str, model: str) -> Path:
+    """Train diffusion preset `model` on `dataset` (resuming from `last.pt`); returns the train folder."""
+    preset = cfg.preset(model)
+    cfg.dataset(dataset)
+    if preset.family == "gan":
+        raise UserError(
+            f"{cfg.source}: presets.{model} is a gan model: `vmddpm train` trains it with the gan stage "
+            "(vmddpm.stages.gan.train_gan)"
+        )
+    from vmddpm.nn.registry import model_signature
+
+    out = cfg.train_dir(dataset, model)
+    signature = model_signature(cfg, model)
+    if already_trained(out / FINAL, signature, cfg.train.steps):
+        return out
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = resolve_device(cfg.train.device, "train.device")
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        trainer = Trainer.start(cfg, dataset, model, out, signature, device, rank, world)
+        return trainer.run()
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@dataclass
+class Trainer:
+    """One diffusion training run: everything `last.pt` holds, plus where it runs."""
+
+    cfg: Config
+    dataset: str
+    model: str
+    out: Path
+    signature: dict[str, Any]
+    device: torch.device
+    rank: int
+    world: int
+    net: nn.Module
+    ema: AveragedModel
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    noise_gen: torch.Generator
+    diffusion: Any
+    backend: str
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    sampler: EpochSampler | None = None
+    loader: Any = None
+    ddp: nn.Module | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def per_step(self) -> int:
+        """Samples one optimiser step consumes on this rank."""
+        return self.cfg.train.batch_size * self.cfg.train.grad_accum
+
+    @property
+    def use_amp(self) -> bool:
+        return self.device.type == "cuda" and self.cfg.train.amp != "none"
+
+    # -- set-up --------------------------------------------------------------------------------------
+    @classmethod
+    def start(
+        cls,
+        cfg: Config,
+        dataset: str,
+        model: str,
+        out: Path,
+        signature: dict[str, Any],
+        device: torch.device,
+        rank: int,
+        world: int,
+    ) -> Trainer:
+        """Build the networks and optimiser from `seed`, then resume from `last.pt` when it exists."""
+        from vmddpm.diffusion import Diffusion
+        from vmddpm.nn.registry import build_model
+
+        tc = cfg.train
+        set_determinism(tc.deterministic)
+        data = load_training_split(cfg, dataset)
+        cpu_memory.configure(cfg.cpu_memory, device.type)  # once the inputs are known good
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        net = build_model(cfg, model).to(device)
+        opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        warm = tc.warmup_steps
+        t = cls(
+            cfg=cfg,
+            dataset=dataset,
+            model=model,
+            out=out,
+            signature=signature,
+            device=device,
+            rank=rank,
+            world=world,
+            net=net,
+            ema=make_ema(net, tc.ema_decay),
+            opt=opt,
+            sched=torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0
+            ),
+            scaler=torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and tc.amp == "fp16"),
+            noise_gen=torch.Generator("cpu").manual_seed(cfg.seed * 1009 + 17 + rank),
+            diffusion=Diffusion(cfg.diffusion),
+            backend=scan_backend_of(net, device),
+        )
+        t._resume()
+        t.sampler = EpochSampler(len(data), cfg.seed, rank, world, start=t.step * t.per_step)
+        t.loader = make_loader(
+            data, t.sampler, tc.batch_size, tc.num_workers, cfg.seed, pin_memory=device.type == "cuda"
+        )
+        t.ddp = (
+            nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+            if t.distributed
+            else net
+        )
+        return t
+
+    def _resume(self) -> None:
+        last = self.out / LAST
+        parts = {
+            "model": self.net,
+            "ema": self.ema,
+            "optimizer": self.opt,
+            "lr_scheduler": self.sched,
+            "scaler": self.scaler,
+        }
+        self.step, self.history, state = resume(last, self.signature, parts, self.noise_gen, self.rank)
+        if state is None:
+            torch.manual_seed(self.cfg.seed + self.rank)  # per-rank dropout stream
+            return
+        if state["sampler"]["world"] != self.world and self.main:
+            log.warning(
+                "%s: resumed with %d ranks, written with %d; data order differs",
+                last,
+                self.world,
+                state["sampler"]["world"],
+            )
+        if self.main:
+            log.info("resuming %s from step %d", last, self.step)
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Train to `train.steps` (checkpointing, logging, grids), then write `model.pt`."""
+        tc, cfg = self.cfg.train, self.cfg
+        if self.step >= tc.steps:
+            self.finish()
+            return self.out
+        run_cm = (
+            start_run(
+                cfg, "train", dataset=self.dataset, model=self.model, tags={"scan_backend": self.backend}
+            )
+            if self.main
+            else nullcontext(NullRun())
+        )
+        with run_cm as run:
+            if self.main:
+                run.log_params(cfg.flat())
+                run.log_params(
+                    {"world_size": self.world, "device": str(self.device), "resumed_from_step": self.step}
+                )
+                log.info(
+                    "training %s on %s: %d steps, device %s, %d rank(s), scan backend %s",
+                    self.model,
+                    self.dataset,
+                    tc.steps,
+                    self.device,
+                    self.world,
+                    self.backend,
+                )
+            batches = iter(self.loader)
+            bar = tqdm(
+                total=tc.steps,
+                initial=self.step,
+                disable=not self.main,
+                desc=f"train {self.dataset}/{self.model}",
+                dynamic_ncols=True,
+            )
+            meter = _Throughput()
+            self.net.train()
+            while self.step < tc.steps:
+                loss, lr = self.optimise(batches, meter)
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    self.log_step(run, bar, loss, lr, meter)
+                if tc.sample_every and self.step % tc.sample_every == 0 and self.main:
+                    run.log_artifact(self.sample_grid(), "grids")
+                if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
+                    self.checkpoint()
+            bar.close()
+            path = self.finish()
+            if self.main:
+                close_run(run, self.out, path)
+        return self.out
+
+    def optimise(self, batches: Iterator[Any], meter: _Throughput) -> tuple[float, float]:
+        """One optimiser step over `train.grad_accum` micro-batches; returns (mean loss, lr used)."""
+        tc = self.cfg.train
+        amp_dtype = torch.bfloat16 if tc.amp == "bf16" else torch.float16
+        self.opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro in range(tc.grad_accum):
+            x0 = batch_images(next(batches)).to(self.device, non_blocking=True).float()
+            if self.cfg.data.hflip:
+                x0 = hflip(x0, self.noise_gen)
+            sync = micro == tc.grad_accum - 1 or not self.distributed
+            with nullcontext() if sync else self.ddp.no_sync():
+                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=self.use_amp):
+                    loss = self.diffusion.loss(self.ddp, x0, generator=self.noise_gen)
+                self.scaler.scale(loss / tc.grad_accum).backward()
+            loss_sum += float(loss.detach()) / tc.grad_accum
+            meter.n += x0.shape[0] * self.world
+        if not math.isfinite(loss_sum) and not self.scaler.is_enabled():  # fp16: the scaler skips the step
+            raise UserError(
+                f"{self.out}: loss is {loss_sum} at step {self.step}; lower train.lr or check the data, then "
+                "rerun to resume from the last checkpoint"
+            )
+        self.scaler.unscale_(self.opt)
+        if tc.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.net.parameters(), tc.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        lr = self.sched.get_last_lr()[0]
+        self.sched.step()
+        self.step += 1
+        update_ema(self.ema, self.net, self.step, tc.ema_warmup_steps)
+        return loss_sum, lr
+
+    def log_step(self, run: Any, bar: Any, loss: float, lr: float, meter: _Throughput) -> None:
+        """A history row and the MLflow metrics (loss averaged over ranks)."""
+        if self.distributed:
+            t = torch.tensor([loss], device=self.device)
+            dist.all_reduce(t)
+            loss = float(t) / self.world
+        ips = meter.rate()
+        self.history.append({"step": self.step, "loss": loss, "lr": lr, "images_per_s": ips})
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}")
+        metrics = {"loss": loss, "lr": lr, "images_per_s": ips}
+        run.log_metrics({**metrics, "peak_rss_mb": cpu_memory.peak_rss_mb()}, step=self.step)
+
+    def sample_grid(self) -> Path:
+        """An EMA sample grid (the sample stage's seeds and sampler) under grids/."""
+        from vmddpm.generation import to_uint8
+
+        cfg, net = self.cfg, self.ema.module
+        path = self.out / "grids" / f"step_{self.step:08d}.png"
+        net.eval()
+        size = cfg.data.image_size
+        seeds = [image_seed(cfg.sample.seed, i) for i in range(cfg.train.sample_grid)]
+        sc = cfg.sample
+        imgs = self.diffusion.sample(
+            net, (1, size, size), seeds, sc.sampler, sc.steps, sc.eta, device=self.device
+        )
+        net.train()
+        return write_png_grid(path, to_uint8(imgs))
+
+    # -- files ---------------------------------------------------------------------------------------
+    def full_state(self) -> dict[str, Any]:
+        """Everything `last.pt` holds (a collective under DDP: every rank calls it)."""
+        gens = [self.noise_gen.get_state()]
+        if self.distributed:
+            all_gens: list[Any] = [None] * self.world
+            dist.all_gather_object(all_gens, self.noise_gen.get_state())
+            gens = all_gens
+        assert self.sampler is not None
+        return {
+            "model": self.net.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "lr_scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "rng": capture_rng_state(),
+            "noise_rng": gens,
+            "sampler": {**self.sampler.state(self.step * self.per_step), "world": self.world},
+            "config": self.cfg.to_dict(),
+            "signature": self.signature,
+            "version": __version__,
+            "scan_backend": self.backend,
+            "history": self.history,
+        }
+
+    def checkpoint(self) -> Path:
+        state = self.full_state()
+        if self.main:
+            save_checkpoint(self.out / LAST, state)
+            write_history(self.out / HISTORY, self.history)
+            log.debug("checkpoint at step %d", self.step)
+        if self.distributed:
+            dist.barrier()
+        return self.out / LAST
+
+    def finish(self) -> Path:
+        """Final full checkpoint plus `model.pt`; under DDP also checks that every rank holds the same
+        weights."""
+        self.checkpoint()
+        digest = state_hash(self.net.state_dict())
+        hashes: list[Any] = [digest]
+        if self.distributed:
+            hashes = [None] * self.world
+            dist.all_gather_object(hashes, digest)
+            if len(set(hashes)) != 1:
+                raise RuntimeError(f"DDP ranks diverged: weight hashes {hashes}")
+        if self.main:
+            final = {
+                "model": self.net.state_dict(),
+                "ema": self.ema.module.state_dict(),
+                "step": self.step,
+                "signature": self.signature,
+                "config": self.cfg.to_dict(),
+                "version": __version__,
+                "scan_backend": self.backend,
+                "rank_hashes": hashes,
+            }
+            save_checkpoint(self.out / FINAL, final)
+            log.info("trained to step %d: %s", self.step, self.out / FINAL)
+        if self.distributed:
+            dist.barrier()
+        return self.out / FINAL
+
+
+class _Throughput:
+    """Images per second since the last logged step."""
+
+    def __init__(self) -> None:
+        self.t, self.n = time.perf_counter(), 0
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        ips = self.n / max(now - self.t, 1e-9)
+        self.t, self.n = now, 0
+        return ips

@@ -1,0 +1,337 @@
+"""The training kit both trainers (`vmddpm.stages.train`, `vmddpm.stages.gan`) and the sample stage use.
+
+- **Checkpoints.** `save_checkpoint` writes to a temporary file in the same folder
+  (`vmddpm.io.atomic_path`), fsyncs it and `os.replace`s it over the target: a reader sees the old file or
+  the new one, never a mix, and a failed write leaves the old file untouched. `load_checkpoint` uses
+  `torch.load(weights_only=True)` (no pickled code runs), turns a truncated or corrupt file into a
+  one-line `UserError`, and refuses a checkpoint whose model signature differs from the requested one,
+  naming the differing keys. `capture_rng_state` / `restore_rng_state` store python, numpy, torch and
+  CUDA generator states as tensors and plain types only, so `weights_only=True` can read them back.
+- **Resume.** `resume` loads `last.pt` into the parts of a run (model, EMA, optimisers, ...), the global
+  RNGs and the run's noise generator; `already_trained` makes a rerun of a finished run a no-op.
+- **Data order.** `EpochSampler` (a per-epoch permutation of `seed + epoch`, sharded over ranks, resumed
+  from the number of samples consumed) and `make_loader` (a DataLoader that leaves the global RNG alone).
+- **EMA.** `make_ema` (torch's `AveragedModel`) and `update_ema` (exact copies during the warm-up).
+- **History.** `write_history` rewrites `history.csv` atomically at every checkpoint.
+- **The trained model.** `load_trained` returns the network of `model.pt` for either family (the
+  diffusion network, or a GAN's generator): the one place the sample and sweep stages read weights.
+
+The file names of a train folder are part of the contract between stages (`vmddpm.contracts`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import pickle
+import random
+import re
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vmddpm.config import Config
+from vmddpm.contracts import FINAL, HISTORY, HISTORY_FIELDS, MANIFEST
+from vmddpm.errors import UserError
+from vmddpm.io import atomic_path, write_text
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------- checkpoints
+#: name pattern of periodic checkpoints inside a train folder: step_00001234.pt
+STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write `state` to `path` atomically (temp file + fsync + os.replace).
+
+    On any failure the temp file is removed and an existing `path` is left exactly as it was.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    log.debug("saved checkpoint %s", path)
+    return path
+
+
+def load_checkpoint(
+    path: str | Path, expect: dict[str, Any] | None = None, *, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`.
+
+    `expect`: the model signature the caller is about to load into (`model_signature(cfg, name)`); a
+    checkpoint whose stored `signature` differs is refused with the differing keys named.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint; train the model first (vmddpm train)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"{path}: truncated or corrupt checkpoint ({reason}); delete it to resume from an earlier "
+            "checkpoint in the same folder, or retrain"
+        ) from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a vmddpm checkpoint (got {type(state).__name__}); delete it")
+    if expect is not None:
+        check_signature(path, state.get("signature"), expect)
+    return state
+
+
+def check_signature(path: Path, stored: dict[str, Any] | None, expect: dict[str, Any]) -> None:
+    """Raise UserError naming every key whose value differs between `stored` and `expect`."""
+    if stored is None:
+        raise UserError(f"{path}: checkpoint has no model signature; it was not written by vmddpm, delete it")
+    keys = sorted(set(stored) | set(expect))
+    diff = [k for k in keys if _norm(stored.get(k, "<missing>")) != _norm(expect.get(k, "<missing>"))]
+    if diff:
+        detail = ", ".join(
+            f"{k}: checkpoint {stored.get(k, '<missing>')!r} != config {expect.get(k, '<missing>')!r}"
+            for k in diff
+        )
+        raise UserError(
+            f"{path}: checkpoint is from another model ({detail}); use the matching --model/params or "
+            "delete the folder to train from scratch"
+        )
+
+
+def _norm(v: Any) -> Any:
+    """Lists and tuples compare equal (a torch round trip may turn one into the other)."""
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    return v
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The periodic checkpoint `step_*.pt` with the highest step in `directory`, else `last.pt`, else None.
+
+    Temp files of an interrupted write (`.step_....pt.xxxx.pt`) start with a dot and are ignored.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    best: tuple[int, Path] | None = None
+    for p in directory.iterdir():
+        m = STEP_PATTERN.match(p.name)
+        if m and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), p)
+    if best is not None:
+        return best[1]
+    last = directory / "last.pt"
+    return last if last.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------- RNG state
+def capture_rng_state() -> dict[str, Any]:
+    """Every global generator's state, as tensors and plain types (loadable with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            log.warning(
+                "checkpoint holds %d CUDA RNG states, %d devices here: not restored",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def resume(
+    last: Path, signature: dict[str, Any], parts: dict[str, Any], noise_gen: torch.Generator, rank: int = 0
+) -> tuple[int, list[dict[str, float]], dict[str, Any] | None]:
+    """Load `last.pt` (when it exists) into `parts` (checkpoint key -> object with load_state_dict),
+    the global RNGs and this rank's noise generator. Returns (step, history, checkpoint): (0, [],
+    None) for a fresh run."""
+    if not last.is_file():
+        return 0, [], None
+    state = load_checkpoint(last, expect=signature)
+    for key, obj in parts.items():
+        obj.load_state_dict(state[key])
+    restore_rng_state(state["rng"])
+    gens = state["noise_rng"]
+    noise_gen.set_state(gens[rank] if rank < len(gens) else gens[0])
+    return int(state["step"]), [dict(r) for r in state.get("history", [])], state
+
+
+def already_trained(final: Path, signature: dict[str, Any], steps: int) -> bool:
+    """True when `model.pt` exists for this very model (signature checked) at >= `steps`: a rerun of
+    `vmddpm train` is then a no-op."""
+    if not final.is_file():
+        return False
+    done = int(load_checkpoint(final, expect=signature)["step"])
+    if done >= steps:
+        log.info("%s: already trained to step %d; nothing to do", final, done)
+        return True
+    return False
+
+
+# -------------------------------------------------------------------------------------------- data order
+class EpochSampler(Sampler[int]):
+    """Endless indices: epoch e is a permutation seeded by `seed + e`, sharded over ranks.
+
+    The state is the number of samples this rank has consumed, so a resumed run continues mid-epoch
+    with exactly the indices an uninterrupted run would have drawn (independent of DataLoader
+    prefetching, which runs ahead of what training consumed).
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, start: int = 0) -> None:
+        self.n, self.seed, self.rank, self.world, self.start = n, seed, rank, world, start
+        self.per_rank = math.ceil(n / world)
+
+    def state(self, consumed: int) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": consumed // self.per_rank, "offset": consumed % self.per_rank}
+
+    def _epoch(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        order += order[: self.per_rank * self.world - self.n]  # pad like DistributedSampler
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start, self.per_rank)
+        while True:
+            yield from self._epoch(epoch)[offset:]
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self) -> int:  # endless; DataLoader only uses this for len(loader)
+        return 2**62
+
+
+def load_training_split(cfg: Config, dataset: str) -> Dataset:
+    """The training split of a prepared dataset, as (1, H, W) float tensors in [-1, 1]."""
+    folder = cfg.prepared_dir(dataset)
+    manifest = folder / MANIFEST
+    if not folder.is_dir() or not manifest.is_file():
+        raise UserError(
+            f"{folder}: no prepared dataset (manifest.csv missing); "
+            f"run `vmddpm prepare --dataset {dataset}` first"
+        )
+    from vmddpm.data.dataset import SliceDataset
+
+    ds = SliceDataset(folder, split="train", image_size=cfg.data.image_size, hflip=False)
+    if len(ds) == 0:
+        raise UserError(
+            f"{manifest}: no training slices (split == train); rerun `vmddpm prepare --dataset {dataset}`"
+        )
+    return ds
+
+
+def make_loader(
+    data: Dataset, sampler: EpochSampler, batch_size: int, num_workers: int, seed: int, pin_memory: bool
+) -> DataLoader:
+    """The training DataLoader: order from `sampler`, its own generator (the global RNG is untouched)."""
+    return DataLoader(
+        data,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )
+
+
+def batch_images(batch: Any) -> torch.Tensor:
+    """The image tensor of a DataLoader batch (a tensor, a tuple whose first item it is, or a dict)."""
+    if isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    if isinstance(batch, dict):
+        batch = batch["image"]
+    return batch
+
+
+def hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mirror each image with probability 1/2, the coin from `gen` (the run's checkpointed generator)."""
+    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
+# --------------------------------------------------------------------------------------------------- EMA
+def make_ema(net: nn.Module, decay: float) -> AveragedModel:
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+@torch.no_grad()
+def update_ema(ema: AveragedModel, net: nn.Module, step: int, warmup_steps: int) -> None:
+    """EMA step; during `train.ema_warmup_steps` the EMA copies the weights exactly instead."""
+    if step <= warmup_steps:
+        for pe, p in zip(ema.module.state_dict().values(), net.state_dict().values(), strict=True):
+            pe.copy_(p)
+    else:
+        ema.update_parameters(net)
+
+
+# ----------------------------------------------------------------------------------------------- history
+def write_history(path: Path, rows: list[dict[str, float]], fields: Sequence[str] = HISTORY_FIELDS) -> None:
+    """history.csv, atomically: one row per logged step (`loss` is what the run minimises)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields))
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def close_run(run: Any, out: Path, final: Path) -> None:
+    """The end of every train run: tag the final checkpoint, attach the history and its path."""
+    run.set_tags({"checkpoint": str(final)})
+    run.log_artifact(out / HISTORY)
+    write_text(out / "checkpoint.txt", f"{final}\n")
+    run.log_artifact(out / "checkpoint.txt")
+
+
+# ---------------------------------------------------------------------------------------- trained model
+def load_trained(cfg: Config, dataset: str, model: str, use_ema: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained network of `model.pt` (EMA or raw weights) in eval mode on CPU, and the checkpoint:
+    the diffusion network, or for the gan family the generator. The signature of the checkpoint must
+    match the configured model."""
+    from vmddpm.nn.registry import build_gan, build_model, model_signature
+
+    path = cfg.train_dir(dataset, model) / FINAL
+    if not path.is_file():
+        raise UserError(
+            f"{path}: no trained model; run `vmddpm train --dataset {dataset} --model {model}` first"
+        )
+    state = load_checkpoint(path, expect=model_signature(cfg, model))
+    net = build_gan(cfg, model)[0] if cfg.preset(model).family == "gan" else build_model(cfg, model)
+    net.load_state_dict(state["ema" if use_ema else "model"])
+    return net.eval(), state
