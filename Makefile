@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(KEY)
 export PATH := $(abspath $(BIN)):$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-snapshot test lint format browser clean-demo bench
+.PHONY: install demo demo-snapshot test lint format browser clean-demo bench bench-gpu
 
 install: $(STAMP)
 
@@ -60,8 +60,16 @@ test: $(STAMP) browser lint
 # the whole demo DAG on a fresh copy.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scan.py
+	$(BIN)/python benchmarks/bench_pscan_memory.py
+	$(BIN)/python benchmarks/bench_lean.py --baseline b1fb54a
 	$(BIN)/python benchmarks/bench_scaling.py --threads 2
 	$(BIN)/python benchmarks/bench_models.py
 	$(BIN)/python benchmarks/bench_sampling.py
 	$(BIN)/python benchmarks/bench_prepare.py
 	$(BIN)/python benchmarks/bench_demo.py --cores 2
+
+# On a GPU machine: every preset at paper scale (train step, images/s, peak memory, one sampling call),
+# the S6 op per backend and the projected GPU-hours of the paper matrix -> results/benchmarks/gpu.{json,png}.
+# Needs CUDA; `pip install -c constraints.txt -e '.[cuda]'` first for the mamba-ssm backend.
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/bench_gpu.py

@@ -297,3 +297,39 @@ def test_cuda_amp_training(make_cfg, amp: str) -> None:
     state = load_checkpoint(out / "last.pt")
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------- out of memory
+def test_running_out_of_memory_is_one_line_naming_the_ways_out(make_cfg, cli, tmp_path: Path) -> None:
+    """A network too large for the machine: the CPU allocator's real failure becomes one line naming
+    the batch size, grad_accum, model.checkpointing and the scan backend, and nothing is written."""
+    cfg = tiny_cfg(make_cfg)
+    proc = cli(*cli_args("model.base_channels=3000000"), cwd=tmp_path, check=False, env=ONE_THREAD_ENV)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for word in (
+        "ran out of memory",
+        "train.batch_size=4",
+        "train.grad_accum=1",
+        "model.checkpointing=false",
+    ):
+        assert word in errors[0], errors[0]
+    assert not cfg.train_dir(DATASET, MODEL).exists() or not any(cfg.train_dir(DATASET, MODEL).glob("*.pt"))
+
+
+def test_cuda_out_of_memory_maps_to_the_same_line() -> None:
+    """On a GPU the error is torch.OutOfMemoryError; it maps to the same message, with the advice that
+    fits the scan backend in use (no mamba-ssm: install it)."""
+    from vmddpm.runtime import is_out_of_memory, out_of_memory
+
+    exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    assert is_out_of_memory(exc) and not is_out_of_memory(RuntimeError("shape mismatch"))
+    knobs = {"train.batch_size": 32, "train.grad_accum": 1, "model.checkpointing": False}
+    err = out_of_memory("train", torch.device("cuda", 0), knobs, "pscan")
+    msg = str(err)
+    assert "\n" not in msg and msg.startswith("train: cuda:0 ran out of memory")
+    assert "train.batch_size=32" in msg and "model.checkpointing=true" in msg and "mamba-ssm" in msg
+    assert "mamba-ssm" not in str(
+        out_of_memory("sample", torch.device("cuda"), {"sample.batch_size": 64}, "cuda")
+    )

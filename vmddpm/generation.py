@@ -39,7 +39,13 @@ from vmddpm.contracts import (
 )
 from vmddpm.errors import UserError
 from vmddpm.io import write_json, write_png, write_png_grid
-from vmddpm.runtime import resolve_device, scan_backend_of
+from vmddpm.runtime import (
+    explain_scan_backend,
+    is_out_of_memory,
+    out_of_memory,
+    resolve_device,
+    scan_backend_of,
+)
 from vmddpm.trainkit import load_trained
 
 log = logging.getLogger(__name__)
@@ -104,6 +110,7 @@ def generator(cfg: Config, dataset: str, model: str) -> Generator:
             net, (1, size, size), seeds, sc.sampler, sc.steps, sc.eta, device=device, batch_size=sc.batch_size
         )
 
+    log.info("scan backend %s", explain_scan_backend(net, device)[1])
     return Generator(fn, step, scan_backend_of(net, device), device)
 
 
@@ -165,7 +172,13 @@ def draw(p: Plan, seed: int, batch_size: int, desc: str) -> float:
     with tqdm(total=len(p.missing), desc=desc, unit="img", dynamic_ncols=True) as bar:
         for k in range(0, len(p.missing), batch_size):
             idx = p.missing[k : k + batch_size]
-            imgs = p.gen.fn([image_seed(seed, i) for i in idx])
+            try:
+                imgs = p.gen.fn([image_seed(seed, i) for i in idx])
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                knobs = {"sample.batch_size": batch_size}
+                raise out_of_memory("sample", p.gen.device, knobs, p.gen.scan_backend) from None
             for i, arr in zip(idx, to_uint8(imgs), strict=True):
                 write_png(p.files[i], arr)
             bar.update(len(idx))

@@ -39,8 +39,44 @@ def set_determinism(enabled: bool) -> None:
 
 def scan_backend_of(net: nn.Module, device: torch.device) -> str:
     """The resolved S6 backend of a vmunet net, "none" for nets without one."""
-    fn = getattr(net, "resolved_scan_backend", None)
-    return str(fn(device)) if callable(fn) else "none"
+    return explain_scan_backend(net, device)[0]
+
+
+def explain_scan_backend(net: nn.Module, device: torch.device) -> tuple[str, str]:
+    """(backend, why) for a network on `device`: what `model.scan_backend` resolved to and the reason
+    (`auto` names the faster backends it passed over and why), for the log line of every run."""
+    fn = getattr(net, "explain_scan_backend", None)
+    if not callable(fn):
+        return "none", "no S6 path"
+    backend, why = fn(device)
+    return str(backend), str(why)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device ran out of memory: CUDA's `torch.OutOfMemoryError`, or the CPU allocator's failure
+    (a plain RuntimeError from c10's DefaultCPUAllocator)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
+
+
+def out_of_memory(stage: str, device: torch.device, knobs: Mapping[str, object], backend: str) -> UserError:
+    """The one-line error for an out-of-memory error in `stage` (CUDA or the CPU allocator): what ran
+    out, the knobs that were in force (`knobs`: dotted key -> value) and the ways out, instead of a
+    traceback."""
+    used = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in knobs.items())
+    ways = {
+        "train": "lower train.batch_size and raise train.grad_accum by the same factor (same effective "
+        "batch), set model.checkpointing=true (vmunet presets: recompute activations in the backward)",
+        "sample": "lower sample.batch_size",
+    }.get(stage, "lower the batch size")
+    if backend == "pscan" and device.type == "cuda":
+        ways += (
+            ", or install mamba-ssm (pip install -c constraints.txt -e '.[cuda]') for the cuda scan backend"
+        )
+    elif backend == "ref":
+        ways += ", or set model.scan_backend=auto (ref is the slow, memory-hungry reference)"
+    return UserError(f"{stage}: {device} ran out of memory ({used}, scan backend {backend}); {ways}")
 
 
 def state_hash(state: Mapping[str, torch.Tensor], *, dtypes: bool = True) -> str:

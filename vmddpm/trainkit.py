@@ -286,6 +286,24 @@ def hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
+# ------------------------------------------------------------------------------------------- optimisers
+def adam(
+    params: Any,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+    decoupled: bool,
+) -> torch.optim.Optimizer:
+    """AdamW (`decoupled`, the diffusion trainer) or Adam (the GANs), fused: one kernel over every
+    parameter instead of ~20 small ops per parameter tensor. On CPU that is 3.5-6x faster per step
+    (51M-parameter paper VM-DDPM: 38 against 133 ms; demo: 1.4 against 8.9 ms) and it removes two
+    thirds of a training step's dispatcher ops (VM-DDPM has 842 parameter tensors); it is
+    deterministic, and on CUDA it is the fastest implementation as well."""
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    return cls(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+
+
 # --------------------------------------------------------------------------------------------------- EMA
 def make_ema(net: nn.Module, decay: float) -> AveragedModel:
     return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

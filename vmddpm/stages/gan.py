@@ -40,6 +40,7 @@ from vmddpm.runtime import resolve_device, set_determinism
 from vmddpm.tracking import start_run
 from vmddpm.trainkit import (
     EpochSampler,
+    adam,
     already_trained,
     batch_images,
     capture_rng_state,
@@ -86,8 +87,8 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
     gnet, dnet = gnet.to(device), dnet.to(device)
     ema = make_ema(gnet, tc.ema_decay)
     betas = (gc.betas[0], gc.betas[1])
-    opt_g = torch.optim.Adam(gnet.parameters(), lr=gc.lr, betas=betas)
-    opt_d = torch.optim.Adam(dnet.parameters(), lr=gc.lr, betas=betas)
+    opt_g = adam(gnet.parameters(), lr=gc.lr, betas=betas, decoupled=False)
+    opt_d = adam(dnet.parameters(), lr=gc.lr, betas=betas, decoupled=False)
     noise_gen = torch.Generator("cpu").manual_seed(cfg.seed * 1009 + 17)
     wgan = preset.gan_loss == "wgan_gp"
     n_critic = gc.n_critic if wgan else 1

@@ -53,10 +53,19 @@ from vmddpm.config import Config
 from vmddpm.contracts import FINAL, HISTORY, LAST, image_seed
 from vmddpm.errors import UserError
 from vmddpm.io import write_png_grid
-from vmddpm.runtime import resolve_device, scan_backend_of, set_determinism, state_hash
+from vmddpm.runtime import (
+    explain_scan_backend,
+    is_out_of_memory,
+    out_of_memory,
+    resolve_device,
+    scan_backend_of,
+    set_determinism,
+    state_hash,
+)
 from vmddpm.tracking import NullRun, start_run
 from vmddpm.trainkit import (
     EpochSampler,
+    adam,
     already_trained,
     batch_images,
     capture_rng_state,
@@ -98,9 +107,24 @@ def train(cfg: Config, dataset: str, model: str) -> Path:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    trainer = None
     try:
         trainer = Trainer.start(cfg, dataset, model, out, signature, device, rank, world)
         return trainer.run()
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        if trainer is not None:  # free what the failed step held before the error propagates
+            trainer.opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        tc = cfg.train
+        knobs: dict[str, object] = {"train.batch_size": tc.batch_size, "train.grad_accum": tc.grad_accum}
+        if preset.family == "vmunet":
+            knobs["model.checkpointing"] = cfg.model_config(model).checkpointing
+        knobs["train.amp"] = tc.amp
+        backend = trainer.backend if trainer is not None else "not yet resolved"
+        raise out_of_memory("train", device, knobs, backend) from None
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -172,7 +196,7 @@ class Trainer:
         cpu_memory.configure(cfg.cpu_memory, device.type)  # once the inputs are known good
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         net = build_model(cfg, model).to(device)
-        opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        opt = adam(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, decoupled=True)
         warm = tc.warmup_steps
         t = cls(
             cfg=cfg,
@@ -194,6 +218,8 @@ class Trainer:
             diffusion=Diffusion(cfg.diffusion),
             backend=scan_backend_of(net, device),
         )
+        if rank == 0:
+            log.info("scan backend %s", explain_scan_backend(net, device)[1])
         t._resume()
         t.sampler = EpochSampler(len(data), cfg.seed, rank, world, start=t.step * t.per_step)
         t.loader = make_loader(
