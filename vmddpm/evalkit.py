@@ -83,7 +83,8 @@ def check_kid_size(cfg: Config, sets: Sequence[ImageSet]) -> None:
         if len(s) < cfg.eval.kid_subset_size:
             raise UserError(
                 f"{s.folder}: {len(s)} images, fewer than eval.kid_subset_size={cfg.eval.kid_subset_size} "
-                f"(KID draws subsets of that size); lower eval.kid_subset_size in {cfg.source} "
+                "(KID draws subsets of that size); lower eval.kid_subset_size (set in "
+                f"{cfg.origin('eval.kid_subset_size')}) "
                 "or provide more images"
             )
 

@@ -63,8 +63,8 @@ def download_dataset(cfg: Config, dataset: str) -> Path:
         placed = user_path(cfg, dcfg.archive)
         if not placed.is_file():
             raise UserError(
-                f"{placed}: no such archive (data.{dataset}.archive in {cfg.source}); "
-                "fix the path or unset it"
+                f"{placed}: no such archive (data.{dataset}.archive, set in "
+                f"{cfg.origin(f'data.{dataset}.archive')}); fix the path or unset it"
             )
         kind, expected, size = "placed", src.sha256 or read_checksums(sums_file).get(sum_key), src.size
     elif dcfg.source == "phantom":
