@@ -8,7 +8,8 @@ and its cached features.
   of a reference set, cached on disk under `runs/.eval-cache/`; the key is the set's content digest +
   extractor + weights hash + protocol version, so a changed image, weight file or extraction rule never
   reuses stale features; the 11 evaluate jobs of a dataset start together: one extracts under a file
-  lock, the others wait and read.
+  lock, the others wait and read. An empty, truncated or otherwise unreadable cache file is recomputed
+  (and rewritten) with a warning naming it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -150,8 +152,9 @@ def _read_reference_cache(cfg: Config, path: Path, key: str) -> dict[str, Any] |
             "floor": float(out["floor"]) if out["floor"].size and np.isfinite(out["floor"]) else None,
             "key": key,
         }
-    except (OSError, ValueError, KeyError) as e:
-        log.warning("%s: unreadable reference cache (%s); recomputing", path, e)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError) as e:
+        reason = " ".join(str(e).split())[:120] or type(e).__name__
+        log.warning("%s: unreadable reference cache (%s); recomputing it", path, reason)
         return None
     log.info("reference features from cache %s", path)
     return cached

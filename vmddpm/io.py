@@ -145,7 +145,7 @@ def write_png_grid(path: str | Path, images: Any, pad: int = 2) -> Path:
 _HOST = socket.gethostname().replace(".", "_") or "host"
 
 
-def _temp_name(final: Path, tag: str) -> str:
+def temp_prefix(final: Path, tag: str) -> str:
     """Prefix of this process's temporary folders for `final`: `.<name>.<tag>.<host>.<pid>.`"""
     return f".{final.name}.{tag}.{_HOST}.{os.getpid()}."
 
@@ -196,7 +196,7 @@ def build_folder(final: str | Path, *, tag: str = "partial", replace: bool = Tru
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(final, (tag, "old"))
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_name(final, tag), dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final, tag), dir=final.parent))
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a final folder gets the usual mode
     except OSError as e:
         raise os_error(e, final) from None
@@ -205,7 +205,7 @@ def build_folder(final: str | Path, *, tag: str = "partial", replace: bool = Tru
         yield tmp
         if final.exists():
             if replace:
-                old = Path(tempfile.mkdtemp(prefix=_temp_name(final, "old"), dir=final.parent))
+                old = Path(tempfile.mkdtemp(prefix=temp_prefix(final, "old"), dir=final.parent))
                 os.replace(final, old / final.name)
             else:
                 final.rmdir()  # OSError unless empty

@@ -165,7 +165,9 @@ def _train_gan(cfg: Config, dataset: str, model: str, out: Path) -> Path:
         return out
 
     with (
-        start_run(cfg, "train", dataset=dataset, model=model, tags={"scan_backend": "none"}) as run,
+        start_run(
+            cfg, "train", dataset=dataset, model=model, tags={"scan_backend": "none"}, output=out
+        ) as run,
         signals.deferred(),  # a signal ends the step in progress
     ):
         run.log_params(cfg.flat())

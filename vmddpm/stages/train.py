@@ -293,7 +293,12 @@ class Trainer:
             return self.out
         run_cm = (
             start_run(
-                cfg, "train", dataset=self.dataset, model=self.model, tags={"scan_backend": self.backend}
+                cfg,
+                "train",
+                dataset=self.dataset,
+                model=self.model,
+                tags={"scan_backend": self.backend},
+                output=self.out,
             )
             if self.main
             else nullcontext(NullRun())
