@@ -15,6 +15,7 @@ Rules of this module:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -279,6 +280,14 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
+def _close_progress_bars() -> None:
+    """End every open tqdm bar's line, so the error that follows starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
 def _interrupt(e: BaseException) -> int | None:
     """The exit code of a stop request in `e` or its chain (a KeyboardInterrupt that surfaced inside a C
     extension comes out as a SystemError whose context is the interrupt), else None."""
@@ -319,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         msg = e if isinstance(e, UserError) else os_error(e)
+        _close_progress_bars()
         print(f"vmddpm {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemError) as e:
@@ -326,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if code is None or args.debug:
             raise
         name = "SIGTERM" if code == 143 else "SIGINT"
+        _close_progress_bars()
         print(
             f"vmddpm {args.command}: stopped by {name}; finished outputs are kept, rerun to resume",
             file=sys.stderr,

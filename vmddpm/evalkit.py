@@ -114,7 +114,7 @@ def reference_features(cfg: Config, ref: ImageSet, ex: Extractor, tag: str) -> d
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     path = cache_dir(cfg) / f"{tag}-{key}.npz"
-    cached = _read_reference_cache(cfg, path, key)
+    cached = _read_reference_cache(cfg, path, key, warn=False)  # read again, and named, under the lock
     if cached is not None:
         return cached
     from filelock import FileLock
@@ -139,7 +139,7 @@ def reference_features(cfg: Config, ref: ImageSet, ex: Extractor, tag: str) -> d
     return {"feats": feats, "feats_clean": clean, "floor": floor, "key": key}
 
 
-def _read_reference_cache(cfg: Config, path: Path, key: str) -> dict[str, Any] | None:
+def _read_reference_cache(cfg: Config, path: Path, key: str, warn: bool = True) -> dict[str, Any] | None:
     """The cached reference features at `path`, or None when absent or unreadable (then recomputed)."""
     if not path.is_file():
         return None
@@ -154,7 +154,8 @@ def _read_reference_cache(cfg: Config, path: Path, key: str) -> dict[str, Any] |
         }
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError) as e:
         reason = " ".join(str(e).split())[:120] or type(e).__name__
-        log.warning("%s: unreadable reference cache (%s); recomputing it", path, reason)
+        if warn:
+            log.warning("%s: unreadable reference cache (%s); recomputing it", path, reason)
         return None
     log.info("reference features from cache %s", path)
     return cached

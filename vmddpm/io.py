@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -259,8 +260,14 @@ def output_lock(output: str | Path, command: str) -> Iterator[None]:
         flock = FileLock(str(lock), timeout=0, on_acquired=claim, is_singleton=False)
         flock.acquire()
     except Timeout:
+        holder = lock_holder(lock)
+        for _ in range(100):  # the holder writes its pid right after it wins the flock
+            if holder != "another process":
+                break
+            time.sleep(0.01)
+            holder = lock_holder(lock)
         raise UserError(
-            f"{output}: another `vmddpm {command}` ({lock_holder(lock)}) is writing it; wait for it to "
+            f"{output}: another `vmddpm {command}` ({holder}) is writing it; wait for it to "
             f"finish or stop it, then rerun (one process per output; lock {lock.name})"
         ) from None
     except OSError as e:
@@ -268,6 +275,8 @@ def output_lock(output: str | Path, command: str) -> Iterator[None]:
     try:
         yield
     finally:
+        with contextlib.suppress(OSError):  # still held: clear the pid, so no waiter reads a stale one
+            os.truncate(lock, 0)
         flock.release()
 
 

@@ -89,10 +89,11 @@ def fingerprint(cfg: Config, dataset: str, root: Path) -> dict[str, object]:
     from vmddpm.data.download import MARKER
 
     dcfg = asdict(cfg.dataset(dataset))
+    placed = bool(dcfg["raw_dir"])
     for k in ("source", "archive", "raw_dir", "url"):
         dcfg.pop(k)
     marker = next((p / MARKER for p in (root, *root.parents) if (p / MARKER).is_file()), None)
-    if marker:  # extracted by `vmddpm download`: its checkout by DVC may change mtimes, not contents
+    if marker and not placed:  # extracted by `vmddpm download`: its checkout by DVC may change mtimes, not contents
         raw: object = {"archive_sha256": json.loads(marker.read_text())["sha256"], **tree_digest(root, False)}
     else:
         raw = tree_digest(root, True)

@@ -180,51 +180,62 @@ def _train_gan(cfg: Config, dataset: str, model: str, out: Path) -> Path:
         t_last, n_since = time.perf_counter(), 0
         gnet.train()
         dnet.train()
-        while step < tc.steps:
-            for _ in range(n_critic):
-                real = batch_images(next(batches)).to(device).float()
-                if cfg.data.hflip:
-                    real = hflip(real, noise_gen)
-                z = torch.randn(real.shape[0], gc.z_dim, generator=noise_gen).to(device)
-                with torch.no_grad():
-                    fake = gnet(z)
-                loss_d = discriminator_loss(dnet, real, fake, wgan, gc.gp_weight, noise_gen)
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_d.step()
-                n_since += real.shape[0]
-            z = torch.randn(tc.batch_size, gc.z_dim, generator=noise_gen).to(device)
-            loss_g = generator_loss(dnet(gnet(z)), wgan)
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
-            step += 1
-            update_ema(ema, gnet, step, tc.ema_warmup_steps)
-            lg, ld = float(loss_g.detach()), float(loss_d.detach())
-            if not (math.isfinite(lg) and math.isfinite(ld)):
-                raise UserError(
-                    f"{out}: GAN loss is not finite at step {step} (G {lg}, D {ld}); lower "
-                    f"baselines.gan.lr (set in {cfg.origin('baselines.gan.lr')}), then rerun (new knobs "
-                    "train from step 0)"
-                )
-            bar.update(1)
-            if step % tc.log_every == 0 or step == tc.steps:
-                now = time.perf_counter()
-                ips = n_since / max(now - t_last, 1e-9)
-                t_last, n_since = now, 0
-                row = {"step": step, "loss": lg, "loss_g": lg, "loss_d": ld, "lr": gc.lr, "images_per_s": ips}
-                history.append(row)
-                bar.set_postfix(g=f"{lg:.3f}", d=f"{ld:.3f}")
-                metrics = {k: v for k, v in row.items() if k != "step"}
-                run.log_metrics({**metrics, "peak_rss_mb": cpu_memory.peak_rss_mb()}, step=step)
-            if step % tc.checkpoint_every == 0 and step < tc.steps:
-                checkpoint()
-            if (sig := signals.stop_requested()) is not None:
-                if step % tc.checkpoint_every and step < tc.steps:
+        try:  # the bar closes (its line ends) before an error reaches the CLI's one line
+            while step < tc.steps:
+                for _ in range(n_critic):
+                    real = batch_images(next(batches)).to(device).float()
+                    if cfg.data.hflip:
+                        real = hflip(real, noise_gen)
+                    z = torch.randn(real.shape[0], gc.z_dim, generator=noise_gen).to(device)
+                    with torch.no_grad():
+                        fake = gnet(z)
+                    loss_d = discriminator_loss(dnet, real, fake, wgan, gc.gp_weight, noise_gen)
+                    opt_d.zero_grad(set_to_none=True)
+                    loss_d.backward()
+                    opt_d.step()
+                    n_since += real.shape[0]
+                z = torch.randn(tc.batch_size, gc.z_dim, generator=noise_gen).to(device)
+                loss_g = generator_loss(dnet(gnet(z)), wgan)
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+                step += 1
+                update_ema(ema, gnet, step, tc.ema_warmup_steps)
+                lg, ld = float(loss_g.detach()), float(loss_d.detach())
+                if not (math.isfinite(lg) and math.isfinite(ld)):
+                    raise UserError(
+                        f"{out}: GAN loss is not finite at step {step} (G {lg}, D {ld}); lower "
+                        f"baselines.gan.lr (set in {cfg.origin('baselines.gan.lr')}), then rerun (new knobs "
+                        "train from step 0)"
+                    )
+                bar.update(1)
+                if step % tc.log_every == 0 or step == tc.steps:
+                    now = time.perf_counter()
+                    ips = n_since / max(now - t_last, 1e-9)
+                    t_last, n_since = now, 0
+                    row = {
+                        "step": step,
+                        "loss": lg,
+                        "loss_g": lg,
+                        "loss_d": ld,
+                        "lr": gc.lr,
+                        "images_per_s": ips,
+                    }
+                    history.append(row)
+                    bar.set_postfix(g=f"{lg:.3f}", d=f"{ld:.3f}")
+                    metrics = {k: v for k, v in row.items() if k != "step"}
+                    run.log_metrics({**metrics, "peak_rss_mb": cpu_memory.peak_rss_mb()}, step=step)
+                if step % tc.checkpoint_every == 0 and step < tc.steps:
                     checkpoint()
-                log.warning("stopped by %s at step %d; checkpoint written", signal.Signals(sig).name, step)
-                raise signals.Interrupted(sig)
-        bar.close()
+                if (sig := signals.stop_requested()) is not None:
+                    if step % tc.checkpoint_every and step < tc.steps:
+                        checkpoint()
+                    log.warning(
+                        "stopped by %s at step %d; checkpoint written", signal.Signals(sig).name, step
+                    )
+                    raise signals.Interrupted(sig)
+        finally:
+            bar.close()
         path = finish()
         close_run(run, out, path)
     return out

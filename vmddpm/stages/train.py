@@ -333,7 +333,9 @@ class Trainer:
             )
             meter = _Throughput()
             self.net.train()
-            with signals.deferred():  # a signal ends the step in progress, never a numba kernel
+            # the bar closes (its line ends) before an error reaches the CLI's one line; a signal ends
+            # the step in progress, never a numba kernel
+            with bar, signals.deferred():
                 while self.step < tc.steps:
                     try:
                         loss, lr = self.optimise(batches, meter)
@@ -354,7 +356,6 @@ class Trainer:
                         if self.main:
                             log.warning("stopped by %s at step %d; checkpoint written", sig.name, self.step)
                         raise signals.Interrupted(sig)
-            bar.close()
             path = self.finish()
             if self.main:
                 close_run(run, self.out, path)
