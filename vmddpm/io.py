@@ -249,16 +249,16 @@ def output_lock(output: str | Path, command: str) -> Iterator[None]:
 
     output = Path(output)
     lock = lock_path(output)
-    note = f"{os.getpid()} {_HOST} vmddpm {command}\n".encode()
-
-    def claim(fd: int) -> None:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, note, 0)
-
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        flock = FileLock(str(lock), timeout=0, on_acquired=claim, is_singleton=False)
+        flock = FileLock(str(lock), timeout=0)
         flock.acquire()
+        fd = os.open(lock, os.O_WRONLY)  # held: write who holds it (waiters only read)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {_HOST} vmddpm {command}\n".encode())
+        finally:
+            os.close(fd)
     except Timeout:
         holder = lock_holder(lock)
         for _ in range(100):  # the holder writes its pid right after it wins the flock

@@ -160,10 +160,14 @@ def evaluate(
 
 
 def check_samples_fresh(cfg: Config, dataset: str, model: str, samples: Path) -> None:
-    """Samples whose meta names another `model.pt` than the model's current one are stale."""
+    """Samples whose meta names another `model.pt` than the current one of the model that drew them
+    (the meta's dataset and model; the command's when it names none) are stale."""
     meta = read_samples_meta(samples)
+    if not meta or not meta.get("model_sha256"):
+        return
+    dataset, model = str(meta.get("dataset") or dataset), str(meta.get("model") or model)
     final = cfg.train_dir(dataset, model) / FINAL
-    if not meta or not meta.get("model_sha256") or not final.is_file():
+    if not final.is_file():
         return
     now = vio.sha256_file(final)
     if meta["model_sha256"] != now:
