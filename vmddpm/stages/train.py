@@ -11,7 +11,7 @@ train stage as a whole folder; names in `vmddpm.contracts`):
                 rank_hashes}. The sample stage reads its `ema` (or `model`) weights. When it exists and
                 its step >= `train.steps`, re-running `vmddpm train` is a no-op.
 - `history.csv` step, loss, lr, images_per_s every `train.log_every` steps (rewritten at each checkpoint,
-                so it always matches `last.pt`).
+                so it always matches the newest checkpoint).
 - `grids/step_XXXXXXXX.png` EMA sample grids every `train.sample_every` steps (0 = never).
 
 Beside it, `checkpoints/<run key>/step_XXXXXXXX.pt` (`vmddpm.trainkit.Checkpoints`): the same full state
