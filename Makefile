@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(KEY)
 export PATH := $(abspath $(BIN)):$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-snapshot test lint format browser clean-demo bench bench-gpu
+.PHONY: install demo demo-snapshot test lint format browser slurm clean-demo bench bench-gpu
 
 install: $(STAMP)
 
@@ -28,6 +28,15 @@ browser:
 	  { echo "installing chromium + chromium-driver (Debian packages)"; \
 	    $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
 	    $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+# Debian's SLURM + MUNGE for the local-cluster test (tests/test_slurm.py starts and stops its own munged,
+# slurmctld and slurmd in a temporary folder; nothing system-wide is configured or started).
+slurm:
+	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null && \
+	  command -v munged >/dev/null || \
+	  { echo "installing slurm-wlm + munge (Debian packages)"; \
+	    $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+	    $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq slurm-wlm munge >/dev/null; }
 
 demo: $(STAMP)
 	$(BIN)/snakemake --cores all
@@ -52,7 +61,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: $(STAMP) browser lint
+test: $(STAMP) browser slurm lint
 	$(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
 # Each writes JSON (+ a figure) to results/benchmarks/; run on a quiet machine (about an hour on 2

@@ -86,6 +86,11 @@ def one_thread(monkeypatch):
     torch.use_deterministic_algorithms(False)
 
 
+def step_files(train_dir: Path) -> list[Path]:
+    """The step checkpoints of a train folder (every run key), oldest first by name."""
+    return sorted(Path(train_dir).parent.glob("checkpoints/*/step_*.pt"), key=lambda p: p.name)
+
+
 def kill_and_resume(
     tmp_path: Path,
     args: Sequence[str],
@@ -94,8 +99,9 @@ def kill_and_resume(
     max_step: int,
 ) -> tuple[Path, Path]:
     """Train `vmddpm ARGS` twice in two fresh project folders (a copy of params.yaml, `prepare(root)`
-    writes the data): once straight through, once SIGKILLed as soon as its first checkpoint exists and
-    then rerun to resume. Returns the two train folders (straight, resumed) for the caller to compare."""
+    writes the data): once straight through, once SIGKILLed as soon as its first step checkpoint exists
+    (`checkpoints/<run key>/` beside the train folder) and then rerun to resume. Returns the two train
+    folders (straight, resumed) for the caller to compare."""
     from vmddpm.trainkit import load_checkpoint
 
     roots = {}
@@ -116,12 +122,12 @@ def kill_and_resume(
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
-    while not (killed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+    while not step_files(killed) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "model.pt").exists()
-    assert 0 < load_checkpoint(killed / "last.pt")["step"] < max_step
+    assert 0 < load_checkpoint(step_files(killed)[-1])["step"] < max_step
     run_cli(*args, cwd=roots["killed"], env=ONE_THREAD_ENV)
     return roots["straight"] / train_dir, killed

@@ -40,7 +40,8 @@ def _error(path: Path, **kw) -> str:
         load_config(path, **kw)
     msg = str(exc.value)
     assert "\n" not in msg, "errors are one line"
-    assert msg.startswith(str(path)), "errors name the file"
+    named = [str(path)] + [f"--set {item}" for item in kw.get("overrides", ())]
+    assert any(msg.startswith(n + ":") for n in named), "errors name the file, or the --set it came from"
     return msg
 
 

@@ -208,18 +208,22 @@ def test_cli_download_prepare_and_kill_then_rerun_completes(make_cfg, cli, tmp_p
         stderr=subprocess.STDOUT,
         text=True,
     )
-    partial = tmp_path / "data" / "prepared" / ".brats2018.partial"
+    prepared = tmp_path / "data" / "prepared"
+
+    def partials() -> list[Path]:  # the killed process's own temporary folder (host and pid in its name)
+        return list(prepared.glob(".brats2018.partial*")) if prepared.is_dir() else []
+
     deadline = time.time() + 60
-    while time.time() < deadline and not (partial.is_dir() and len(list(partial.rglob("*.png"))) >= 3):
+    while time.time() < deadline and not (partials() and len(list(partials()[0].rglob("*.png"))) >= 3):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    final = tmp_path / "data" / "prepared" / "brats2018"
-    assert partial.is_dir() and not final.exists()  # interrupted: nothing looks finished
+    final = prepared / "brats2018"
+    assert len(partials()) == 1 and not final.exists()  # interrupted: nothing looks finished
 
     first = cli("prepare", "--dataset", "brats2018", *sets, cwd=tmp_path)
     rows = manifest(final)
-    assert rows and all((final / r["file"]).is_file() for r in rows) and not partial.exists()
+    assert rows and all((final / r["file"]).is_file() for r in rows) and not partials()
     assert json.loads((final / "prepare.json").read_text())["slices"]["train"] > 0
     assert "wrote" in first.stderr
     second = cli("prepare", "--dataset", "brats2018", *sets, cwd=tmp_path)

@@ -4,6 +4,7 @@ bad inputs give one-line errors, a failed write never destroys the last good che
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ONE_THREAD_ENV, TINY, kill_and_resume
+from tests.conftest import ONE_THREAD_ENV, TINY, kill_and_resume, step_files
 from vmddpm.errors import UserError
 from vmddpm.runtime import state_hash
 from vmddpm.stages.train import train
@@ -193,28 +194,41 @@ def test_manifest_without_train_rows_is_a_user_error(make_cfg) -> None:
         train(cfg, DATASET, MODEL)
 
 
-def test_truncated_checkpoint_is_a_user_error(make_cfg) -> None:
+def test_corrupt_newest_checkpoint_falls_back_to_the_newest_that_loads(make_cfg, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    cfg = tiny_cfg(make_cfg, "train.steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=3")
+    out = train(cfg, DATASET, MODEL)
+    store = step_files(out)
+    assert [p.name for p in store] == ["step_00000001.pt", "step_00000002.pt", "step_00000003.pt"]
+    (out / "model.pt").unlink()
+    (out / "last.pt").unlink()
+    newest = store[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    cfg4 = make_cfg(*TINY, "train.steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=3")
+    train(cfg4, DATASET, MODEL)
+    warned = [
+        r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "corrupt" in r.getMessage()
+    ]
+    assert len(warned) == 1 and "step_00000003.pt" in warned[0] and "falling back" in warned[0]
+    assert any("step 2)" in r.getMessage() for r in caplog.records)  # resumed from the one before
+    assert newest.with_name(newest.name + ".corrupt").is_file()  # kept for inspection, out of rotation
+    assert load_checkpoint(out / "model.pt")["step"] == 4
+
+
+def test_other_knobs_train_beside_the_kept_checkpoints(make_cfg, caplog) -> None:
+    """Changed model knobs never resume (or silently mix with) another configuration's checkpoint: they
+    train from step 0 under their own run key, the old run is kept, and one warning names the knobs."""
     cfg = tiny_cfg(make_cfg, "train.steps=2", "train.checkpoint_every=1")
     out = train(cfg, DATASET, MODEL)
-    (out / "model.pt").unlink()
-    data = (out / "last.pt").read_bytes()
-    (out / "last.pt").write_bytes(data[: len(data) // 2])
-    cfg4 = make_cfg(*TINY, "train.steps=4")
-    with pytest.raises(UserError) as e:
-        train(cfg4, DATASET, MODEL)
-    msg = str(e.value)
-    assert "last.pt" in msg and "corrupt" in msg and "delete" in msg and "\n" not in msg
-
-
-def test_checkpoint_from_another_model_is_refused(make_cfg) -> None:
-    cfg = tiny_cfg(make_cfg, "train.steps=2", "train.checkpoint_every=1")
-    train(cfg, DATASET, MODEL)
-    other = make_cfg(*TINY, "train.steps=4", "model.base_channels=16", "model.d_state=8")
-    with pytest.raises(UserError) as e:
-        train(other, DATASET, MODEL)
-    msg = str(e.value)
-    assert "another model" in msg and "base_channels" in msg and "d_state" in msg
-    assert "channel_mult" not in msg  # only the keys that differ are named
+    old = {p: p.read_bytes() for p in step_files(out)}
+    other = make_cfg(*TINY, "train.steps=2", "model.base_channels=16", "model.d_state=8")
+    train(other, DATASET, MODEL)
+    warned = [r.getMessage() for r in caplog.records if "no checkpoint for these knobs" in r.getMessage()]
+    assert len(warned) == 1
+    assert "model.base_channels 8 -> 16" in warned[0] and "model.d_state 4 -> 8" in warned[0]
+    assert "channel_mult" not in warned[0]  # only the knobs that differ are named
+    assert all(p.read_bytes() == data for p, data in old.items())  # the other run's checkpoints kept
+    assert load_checkpoint(out / "model.pt")["signature"]["base_channels"] == 16
 
 
 def test_failed_write_keeps_last_good_checkpoint(tmp_path: Path) -> None:

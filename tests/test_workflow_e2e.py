@@ -149,8 +149,13 @@ def test_dvc_status_clean_and_push_pull_restores(done: Path) -> None:
         "results/figures",
     )
     restored = files_under(clone, *tracked)
-    # data/raw/archives/ holds download's fetched archives: a download cache, not a stage output.
-    original = {p for p in files_under(done, *tracked) if not p.startswith("data/raw/archives/")}
+    # data/raw/archives/ holds download's fetched archives: a download cache, not a stage output; nor
+    # are the step checkpoints beside each train folder (a resume cache) or the stages' lock files.
+    original = {
+        p
+        for p in files_under(done, *tracked)
+        if not p.startswith("data/raw/archives/") and "/checkpoints/" not in p and not p.endswith(".lock")
+    }
     datasets, models = matrix(done)
     ckpts = {p for p in restored if p.startswith("runs/") and "/train/" in p}
     assert len({p.split("/train/")[0] for p in ckpts}) == len(datasets) * len(models)

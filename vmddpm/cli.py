@@ -5,13 +5,17 @@ Rules of this module:
   `params.yaml` (through `vmddpm.config`). `--set KEY=VALUE` overrides any resolved knob.
 - each subcommand names the stage function it calls (`vmddpm.stages.<stage>`), imported when the
   subcommand runs: `vmddpm --help` imports neither torch nor pydantic, `vmddpm config show` no torch.
-- a user error (`vmddpm.errors.UserError`) prints one line on stderr and exits 2; `--debug` shows
-  the traceback.
+- a user error (`vmddpm.errors.UserError`) or an operating-system error (read-only or full disk, a file
+  where a folder should be: `vmddpm.errors.os_error`) prints one line on stderr and exits 2; `--debug`
+  shows the traceback.
+- SIGINT and SIGTERM stop a command cleanly (`vmddpm.signals`): one line, exit 130 or 143, the MLflow
+  run KILLED, a training run's state checkpointed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -276,11 +280,40 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
+def _close_progress_bars() -> None:
+    """End every open tqdm bar's line, so the error that follows starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
+def _interrupt(e: BaseException) -> int | None:
+    """The exit code of a stop request in `e` or its chain (a KeyboardInterrupt that surfaced inside a C
+    extension comes out as a SystemError whose context is the interrupt), else None."""
+    from vmddpm.signals import Interrupted
+
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, Interrupted):
+            return cur.exit_code
+        if isinstance(cur, KeyboardInterrupt):
+            return 130
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.overrides = [*args.overrides, *getattr(args, "sub_overrides", [])]
     setup_logging(args.verbose, args.quiet)
+    from vmddpm import signals
+    from vmddpm.errors import os_error
+
+    signals.install()
     try:
         if args.command == "config" and args.action == "schema":
             from vmddpm.pipeline import schema_yaml
@@ -291,16 +324,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cfg = load_config(args.params, scale=args.scale, overrides=args.overrides)
         result = COMMANDS[args.command](cfg, args)
-    except UserError as e:
+    except (UserError, OSError) as e:
         if args.debug:
             raise
-        print(f"vmddpm {args.command}: error: {e}", file=sys.stderr)
+        msg = e if isinstance(e, UserError) else os_error(e)
+        _close_progress_bars()
+        print(f"vmddpm {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemError) as e:
+        code = _interrupt(e)
+        if code is None or args.debug:
+            raise
+        name = "SIGTERM" if code == 143 else "SIGINT"
+        _close_progress_bars()
         print(
-            f"vmddpm {args.command}: interrupted; finished outputs are kept, rerun to resume", file=sys.stderr
+            f"vmddpm {args.command}: stopped by {name}; finished outputs are kept, rerun to resume",
+            file=sys.stderr,
         )
-        return 130
+        return code
     if isinstance(result, int):
         return result
     if isinstance(result, Path):

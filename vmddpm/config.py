@@ -36,7 +36,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, Stri
 from pydantic import ValidationError as _ValidationError
 from pydantic.dataclasses import dataclass
 
-from vmddpm.contracts import DATASETS, DEFAULT_PARAMS, DEMO_LABEL, FAMILIES
+from vmddpm.contracts import CHECKPOINTS, DATASETS, DEFAULT_PARAMS, DEMO_LABEL, FAMILIES
 from vmddpm.errors import UserError
 
 __all__ = ["DATASETS", "DEFAULT_PARAMS", "DEMO_LABEL", "FAMILIES", "Config", "ConfigError", "load_config"]
@@ -46,7 +46,7 @@ class ConfigError(UserError):
     """A user error in params.yaml or an override: the message is one line, fit for stderr."""
 
 
-_GROUP = ConfigDict(extra="forbid")
+_GROUP = ConfigDict(extra="forbid", allow_inf_nan=False)  # .nan / .inf are never a knob's value
 
 
 def group(cls: type) -> Any:
@@ -231,6 +231,7 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = _f()
     deterministic: Bool = _f()
     checkpoint_every: Int = _f(min=1)
+    keep_checkpoints: Int = _f(min=1)
     sample_every: Int = _f(min=0)
     sample_grid: Int = _f(min=1)
     log_every: Int = _f(min=1)
@@ -306,6 +307,11 @@ class Config(Document):
 
     root: Path = Path(".")
     source: Path = Path(DEFAULT_PARAMS)
+    overrides: tuple[str, ...] = ()  # the `--set KEY=VALUE` items applied, in order
+
+    def origin(self, key: str) -> str:
+        """Where the value of dotted `key` came from, for messages: `--set KEY=VALUE` or params.yaml."""
+        return _origin(self.source, key, _override_map(self.overrides, self.source))
 
     # -- the matrix ------------------------------------------------------------------------------
     def preset(self, name: str) -> PresetConfig:
@@ -344,6 +350,11 @@ class Config(Document):
     def train_dir(self, dataset: str, model: str) -> Path:
         return self.run_dir(dataset, model) / "train"
 
+    def checkpoints_dir(self, dataset: str, model: str) -> Path:
+        """Step checkpoints of every set of training knobs: beside the train folder, never deleted by
+        Snakemake or DVC (not a declared output), so a rerun resumes (vmddpm.trainkit)."""
+        return self.run_dir(dataset, model) / CHECKPOINTS
+
     def samples_dir(self, dataset: str, model: str) -> Path:
         return self.run_dir(dataset, model) / "samples"
 
@@ -363,7 +374,7 @@ class Config(Document):
     def to_dict(self) -> dict[str, Any]:
         """The resolved document (no `scales`, no root/source): what `config show` prints."""
         out = dataclasses.asdict(self)
-        for k in ("scales", "root", "source"):
+        for k in ("scales", "root", "source", "overrides"):
             out.pop(k)
         return out
 
@@ -398,8 +409,10 @@ def load_config(
     scale: str | None = None,
     overrides: Iterable[str] = (),
 ) -> Config:
-    """Load, validate and resolve `path`. Raises ConfigError with a one-line message."""
+    """Load, validate and resolve `path`. Raises ConfigError with a one-line message; an error in a value
+    that came from `--set` names that override instead of the file."""
     path = Path(path)
+    overrides = tuple(overrides)
     doc = read_yaml(path)
     if scale is not None:
         doc["scale"] = scale
@@ -411,16 +424,35 @@ def load_config(
     if doc["scale"] not in doc["scales"]:
         raise ConfigError(f"{path}: scales.{doc['scale']} is missing; add it (it may be empty: {{}})")
     resolved = deep_merge(doc, doc["scales"][doc["scale"]] or {})
+    origins = _override_map(overrides, path)
     for item in overrides:
         key, value = parse_override(item, path)
-        _set_dotted(resolved, key, value, path)
-    built = _validate(Document, resolved, path)
-    _check_semantics(resolved, path)
+        _set_dotted(resolved, key, value, Path(origins[key]))
+    built = _validate(Document, resolved, path, origins=origins)
+    _check_semantics(resolved, path, origins)
     return Config(
         **{f.name: getattr(built, f.name) for f in dataclasses.fields(Document)},
         root=path.resolve().parent,
         source=path,
+        overrides=overrides,
     )
+
+
+def _override_map(overrides: Iterable[str], path: Path) -> dict[str, str]:
+    """dotted key -> '--set KEY=VALUE' of each override (the last one wins, as it does for the value)."""
+    out: dict[str, str] = {}
+    for item in overrides:
+        key, _ = parse_override(item, path)
+        out[key] = f"--set {item}"
+    return out
+
+
+def _origin(path: Path, key: str, origins: Mapping[str, str] | None) -> str:
+    """The override that set `key` (or a group above it, or a key below it), else the params file."""
+    for k, label in (origins or {}).items():
+        if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+            return label
+    return str(path)
 
 
 class _Loader(yaml.SafeLoader):
@@ -449,7 +481,24 @@ def read_yaml(path: Path) -> dict[str, Any]:
             f"{path}: no such file; run from the repository root or pass --params PATH to a params.yaml"
         )
     try:
-        doc = _yaml(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not a text file (byte 0x{e.object[e.start]:02x} at offset {e.start} is not UTF-8); "
+            "pass --params PATH to a params.yaml"
+        ) from None
+    except OSError as e:
+        raise ConfigError(
+            f"{path}: cannot be read ({e.strerror}); check the file and its permissions"
+        ) from None
+    try:
+        _check_duplicates(yaml.compose(text, Loader=_Loader), path)
+        doc = _yaml(text)
+    except yaml.reader.ReaderError as e:
+        raise ConfigError(
+            f"{path}: not a text YAML file (character #x{_code(e.character):04x} at offset {e.position} "
+            "is not allowed); pass --params PATH to a params.yaml"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -458,6 +507,29 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping of groups at the top level, got {type(doc).__name__}")
     return doc
+
+
+def _code(ch: Any) -> int:
+    return ord(ch) if isinstance(ch, str) and len(ch) == 1 else int(ch) if isinstance(ch, int) else 0
+
+
+def _check_duplicates(node: Any, path: Path, prefix: str = "") -> None:
+    """A key given twice in one mapping is an error (YAML loaders silently keep the last one)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            line = key_node.start_mark.line + 1
+            if key is not None and key in seen:
+                raise ConfigError(
+                    f"{path}: {prefix}{key} is given twice (lines {seen[key]} and {line}); keep one"
+                )
+            if key is not None:
+                seen[key] = line
+            _check_duplicates(value_node, path, f"{prefix}{key}." if key is not None else prefix)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, path, f"{prefix.rstrip('.')}[{i}].")
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -506,36 +578,51 @@ def type_adapter(cls: type) -> TypeAdapter[Any]:
     return _ADAPTERS[cls]
 
 
-def _validate(cls: type, data: Any, path: Path, prefix: str = "") -> Any:
-    """`data` as an instance of `cls`; the first problem as a one-line ConfigError."""
+def _validate(
+    cls: type, data: Any, path: Path, prefix: str = "", origins: Mapping[str, str] | None = None
+) -> Any:
+    """`data` as an instance of `cls`; the first problem as a one-line ConfigError (naming the
+    `--set` override it came from, when `origins` holds one for its key)."""
     try:
         built = type_adapter(cls).validate_python(data)
     except _ValidationError as e:
-        raise ConfigError(_message(e, cls, path, prefix)) from None
+        raise ConfigError(_message(e, cls, path, prefix, origins)) from None
     if cls is Document:
         for name, preset in data["presets"].items():
             if isinstance(preset.get("model"), Mapping):
                 model = dataclasses.asdict(built.model)
-                _validate_partial(ModelConfig, model, preset["model"], path, f"{prefix}presets.{name}.model.")
+                _validate_partial(
+                    ModelConfig, model, preset["model"], path, f"{prefix}presets.{name}.model.", origins
+                )
     return built
 
 
-def _validate_partial(cls: type, base: Mapping[str, Any], over: Any, path: Path, prefix: str) -> None:
+def _validate_partial(
+    cls: type,
+    base: Mapping[str, Any],
+    over: Any,
+    path: Path,
+    prefix: str,
+    origins: Mapping[str, str] | None = None,
+) -> None:
     """Validate `over`, a partial `cls` (an overlay): merged over the valid `base` it overrides, so only
     its own keys can be wrong, and every error is reported at `prefix` + the key."""
     if not isinstance(over, Mapping):
         where = prefix.rstrip(".")
         raise ConfigError(f"{path}: {where} must be a mapping of keys, got {type(over).__name__}")
-    _validate(cls, deep_merge(base, over), path, prefix)
+    _validate(cls, deep_merge(base, over), path, prefix, origins)
 
 
-def _message(e: _ValidationError, cls: type, path: Path, prefix: str) -> str:
+def _message(
+    e: _ValidationError, cls: type, path: Path, prefix: str, origins: Mapping[str, str] | None = None
+) -> str:
     """The first error of `e` in the project's one-line style (unknown keys first)."""
     errors = e.errors()
     errors.sort(key=lambda err: err["type"] not in ("unexpected_keyword_argument", "extra_forbidden"))
     err = errors[0]
     parts, tp, is_union = _walk(cls, err["loc"])
     key = prefix + _dotted(parts)
+    path = Path(_origin(path, key, origins))
     value = err.get("input")
     kind = err["type"]
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
@@ -555,6 +642,8 @@ def _message(e: _ValidationError, cls: type, path: Path, prefix: str) -> str:
     if kind in ("int_type", "float_type", "bool_type", "string_type"):
         name = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str"}[kind]
         return f"{path}: {key} must be {name}, got {value!r} ({type(value).__name__})"
+    if kind == "finite_number":
+        return f"{path}: {key} must be a finite number, got {value!r}"
     if kind == "greater_than_equal":
         return f"{path}: {key} must be >= {err['ctx']['ge']}, got {value!r}"
     if kind == "less_than_equal":
@@ -654,27 +743,44 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
 
 
-def _check_semantics(doc: Mapping[str, Any], path: Path) -> None:
+def _check_semantics(doc: Mapping[str, Any], path: Path, origins: Mapping[str, str] | None = None) -> None:
     """Cross-field rules that a per-field type check cannot see."""
+
+    def at(*keys: str) -> str:  # the override that set one of `keys`, else the file
+        for key in keys:
+            label = _origin(path, key, origins)
+            if label != str(path):
+                return label
+        return str(path)
+
     for i, name in enumerate(doc["datasets"]):
         if name not in DATASETS:
             raise ConfigError(
-                f"{path}: datasets[{i}]={name} is not a known dataset; " + _suggest(name, DATASETS)
+                f"{at('datasets')}: datasets[{i}]={name} is not a known dataset; " + _suggest(name, DATASETS)
             )
     for i, name in enumerate(doc["models"]):
         if name not in doc["presets"]:
             raise ConfigError(
-                f"{path}: models[{i}]={name} is not a known model (a key of presets); "
+                f"{at('models')}: models[{i}]={name} is not a known model (a key of presets); "
                 + _suggest(name, doc["presets"])
             )
     split = doc["data"]["split"]
     if abs(sum(split.values()) - 1.0) > 1e-6:
-        raise ConfigError(f"{path}: data.split must sum to 1, got {sum(split.values()):g}")
+        raise ConfigError(f"{at('data.split')}: data.split must sum to 1, got {sum(split.values()):g}")
+    for ds in ("brats2018", "acdc"):
+        pct = doc["data"][ds]["percentiles"]
+        key = f"data.{ds}.percentiles"
+        if len(pct) != 2 or not 0 <= pct[0] < pct[1] <= 100:
+            raise ConfigError(f"{at(key)}: {key} must be [low, high] with 0 <= low < high <= 100, got {pct}")
     if doc["diffusion"]["beta_start"] >= doc["diffusion"]["beta_end"]:
-        raise ConfigError(f"{path}: diffusion.beta_start must be < diffusion.beta_end")
+        raise ConfigError(
+            f"{at('diffusion.beta_start', 'diffusion.beta_end')}: diffusion.beta_start must be < "
+            "diffusion.beta_end"
+        )
     if doc["sample"]["steps"] > doc["diffusion"]["timesteps"]:
         raise ConfigError(
-            f"{path}: sample.steps must be <= diffusion.timesteps ({doc['diffusion']['timesteps']})"
+            f"{at('sample.steps', 'diffusion.timesteps')}: sample.steps must be <= diffusion.timesteps "
+            f"({doc['diffusion']['timesteps']})"
         )
 
 

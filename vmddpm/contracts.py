@@ -6,10 +6,12 @@ Torch-free and pydantic-free on purpose: the Snakemake rules, the CLI and the re
   `data/prepared/<dataset>/manifest.csv` with `MANIFEST_COLUMNS`, one row per PNG slice; `split` is one of
   `SPLITS`, drawn over subjects.
 - **train folder** (train -> sample, sweep): `LAST` (full state, resumable), `FINAL` (the weights the
-  sample stage reads), `HISTORY` (`HISTORY_FIELDS`, GANs `GAN_HISTORY_FIELDS`).
+  sample stage reads), `HISTORY` (`HISTORY_FIELDS`, GANs `GAN_HISTORY_FIELDS`). Beside it, not a stage
+  output (neither Snakemake nor DVC deletes it before or after a job), `CHECKPOINTS/<run key>/`: the
+  last `train.keep_checkpoints` step checkpoints of each set of training knobs, what a rerun resumes.
 - **samples** (sample -> evaluate, report, reader study): `<samples>/000000.png ...`, image i drawn from
-  `image_seed(sample.seed, i)`; beside the folder `samples_meta_path()` (`SAMPLES_META_FIELDS`) and
-  `samples_grid_path()`.
+  `image_seed(sample.seed, i)`; beside the folder `samples_meta_path()` (`SAMPLES_META_FIELDS`, with the
+  sha256 of the `FINAL` they came from) and `samples_grid_path()`.
 - **metrics.json** (evaluate -> report): at least `METRICS_FIELDS`.
 - **ddim_sweep.json** (sweep -> report): `SWEEP_FIELDS`, one row `{steps, fid, n_fake}` per step count.
 - **comparable to the paper**: `comparable(scale, extractor)` decides it where a number is made,
@@ -95,6 +97,8 @@ FINAL = "model.pt"
 HISTORY = "history.csv"
 HISTORY_FIELDS = ("step", "loss", "lr", "images_per_s")
 GAN_HISTORY_FIELDS = ("step", "loss", "loss_g", "loss_d", "lr", "images_per_s")
+CHECKPOINTS = "checkpoints"
+"""Beside the train folder: `checkpoints/<run key>/step_XXXXXXXX.pt` + `knobs.json` (vmddpm.trainkit)."""
 
 
 # ------------------------------------------------------------------------------------------ samples
@@ -110,6 +114,7 @@ SAMPLES_META_FIELDS = (
     "seed",
     "seed_rule",
     "checkpoint_step",
+    "model_sha256",
     "image_size",
 )
 

@@ -8,7 +8,8 @@ and its cached features.
   of a reference set, cached on disk under `runs/.eval-cache/`; the key is the set's content digest +
   extractor + weights hash + protocol version, so a changed image, weight file or extraction rule never
   reuses stale features; the 11 evaluate jobs of a dataset start together: one extracts under a file
-  lock, the others wait and read.
+  lock, the others wait and read. An empty, truncated or otherwise unreadable cache file is recomputed
+  (and rewritten) with a warning naming it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,7 +85,8 @@ def check_kid_size(cfg: Config, sets: Sequence[ImageSet]) -> None:
         if len(s) < cfg.eval.kid_subset_size:
             raise UserError(
                 f"{s.folder}: {len(s)} images, fewer than eval.kid_subset_size={cfg.eval.kid_subset_size} "
-                f"(KID draws subsets of that size); lower eval.kid_subset_size in {cfg.source} "
+                "(KID draws subsets of that size); lower eval.kid_subset_size (set in "
+                f"{cfg.origin('eval.kid_subset_size')}) "
                 "or provide more images"
             )
 
@@ -111,7 +114,7 @@ def reference_features(cfg: Config, ref: ImageSet, ex: Extractor, tag: str) -> d
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     path = cache_dir(cfg) / f"{tag}-{key}.npz"
-    cached = _read_reference_cache(cfg, path, key)
+    cached = _read_reference_cache(cfg, path, key, warn=False)  # read again, and named, under the lock
     if cached is not None:
         return cached
     from filelock import FileLock
@@ -136,7 +139,7 @@ def reference_features(cfg: Config, ref: ImageSet, ex: Extractor, tag: str) -> d
     return {"feats": feats, "feats_clean": clean, "floor": floor, "key": key}
 
 
-def _read_reference_cache(cfg: Config, path: Path, key: str) -> dict[str, Any] | None:
+def _read_reference_cache(cfg: Config, path: Path, key: str, warn: bool = True) -> dict[str, Any] | None:
     """The cached reference features at `path`, or None when absent or unreadable (then recomputed)."""
     if not path.is_file():
         return None
@@ -149,8 +152,10 @@ def _read_reference_cache(cfg: Config, path: Path, key: str) -> dict[str, Any] |
             "floor": float(out["floor"]) if out["floor"].size and np.isfinite(out["floor"]) else None,
             "key": key,
         }
-    except (OSError, ValueError, KeyError) as e:
-        log.warning("%s: unreadable reference cache (%s); recomputing", path, e)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError) as e:
+        reason = " ".join(str(e).split())[:120] or type(e).__name__
+        if warn:
+            log.warning("%s: unreadable reference cache (%s); recomputing it", path, reason)
         return None
     log.info("reference features from cache %s", path)
     return cached

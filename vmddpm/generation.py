@@ -4,8 +4,10 @@ sweep stages (for every family).
 - `generator()` loads `model.pt` (`vmddpm.trainkit.load_trained`) and returns a function seeds -> images:
   the diffusion sampler of `sample:` (`vmddpm.diffusion`) or the GAN generator (`vmddpm.adversarial`), on
   `sample.device`.
-- `plan()` names the files of a samples folder, writes its meta (`vmddpm.contracts.samples_meta_path`)
-  and refuses to mix images drawn with other settings; `draw()` writes the missing images.
+- `plan()` names the files of a samples folder, writes its meta (`vmddpm.contracts.samples_meta_path`,
+  with the sha256 of the `model.pt` the images come from) and refuses to mix images drawn with other
+  settings; images drawn from other weights (a retrained model) are stale and drawn again; `draw()`
+  writes the missing images.
 
 Image i is drawn from seed `sample.seed * 1_000_003 + i` alone (per-image generators), so a killed run
 resumes by generating only the missing files, and any image can be regenerated on its own (the network
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 from vmddpm import cpu_memory
 from vmddpm.config import Config
 from vmddpm.contracts import (
+    FINAL,
     SEED_STRIDE,
     image_seed,
     samples_grid_path,
@@ -38,7 +41,7 @@ from vmddpm.contracts import (
     split_files,
 )
 from vmddpm.errors import UserError
-from vmddpm.io import write_json, write_png, write_png_grid
+from vmddpm.io import sha256_file, write_json, write_png, write_png_grid
 from vmddpm.runtime import (
     explain_scan_backend,
     is_out_of_memory,
@@ -83,6 +86,7 @@ class Generator:
     checkpoint_step: int
     scan_backend: str
     device: torch.device
+    model_sha256: str = ""
 
 
 def generator(cfg: Config, dataset: str, model: str) -> Generator:
@@ -90,6 +94,7 @@ def generator(cfg: Config, dataset: str, model: str) -> Generator:
     EMA or raw weights, device)."""
     sc = cfg.sample
     net, state = load_trained(cfg, dataset, model, sc.use_ema)
+    digest = sha256_file(cfg.train_dir(dataset, model) / FINAL)
     device = resolve_device(sc.device, "sample.device")
     cpu_memory.configure(cfg.cpu_memory, device.type)
     net = net.to(device)
@@ -98,7 +103,9 @@ def generator(cfg: Config, dataset: str, model: str) -> Generator:
         from vmddpm.adversarial import generator_images
 
         z_dim = cfg.baselines.gan.z_dim
-        return Generator(lambda seeds: generator_images(net, z_dim, seeds, device), step, "none", device)
+        return Generator(
+            lambda seeds: generator_images(net, z_dim, seeds, device), step, "none", device, digest
+        )
 
     from vmddpm.diffusion import Diffusion
 
@@ -111,7 +118,7 @@ def generator(cfg: Config, dataset: str, model: str) -> Generator:
         )
 
     log.info("scan backend %s", explain_scan_backend(net, device)[1])
-    return Generator(fn, step, scan_backend_of(net, device), device)
+    return Generator(fn, step, scan_backend_of(net, device), device, digest)
 
 
 @dataclass
@@ -147,22 +154,51 @@ def plan(cfg: Config, dataset: str, model: str, out: Path) -> Plan:
         "seed": sc.seed,
         "seed_rule": f"image i uses seed sample.seed * {SEED_STRIDE} + i",
         "checkpoint_step": gen.checkpoint_step,
+        "model_sha256": gen.model_sha256,
         "image_size": cfg.data.image_size,
     }
-    if meta_path.is_file() and any(f.suffix == ".png" for f in out.glob("*.png")):
-        old = json.loads(meta_path.read_text())
-        diff = sorted(k for k in meta if old.get(k) != meta[k])
-        if diff:
-            raise UserError(
-                f"{out}: holds samples drawn with other settings ({', '.join(diff)} differ, "
-                f"see {meta_path}); "
-                f"delete {out} and {meta_path} to draw new samples"
-            )
+    if any(out.glob("*.png")):
+        _check_existing(out, meta, meta_path, grid_path)
     out.mkdir(parents=True, exist_ok=True)
     write_json(meta_path, meta)
     files = [out / f"{i:06d}.png" for i in range(n)]
     missing = [i for i, f in enumerate(files) if not f.is_file()]
     return Plan(out, files, missing, meta, meta_path, grid_path, gen)
+
+
+def _check_existing(out: Path, meta: dict[str, Any], meta_path: Path, grid_path: Path) -> None:
+    """Images already in `out`: kept when drawn exactly like `meta`; deleted (to be drawn again) when
+    drawn from other weights (a retrained model); refused when drawn with other sampling settings or of
+    unknown origin (no readable meta: never delete PNGs this stage may not have written)."""
+    try:
+        old = json.loads(meta_path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{out}: holds PNGs but its meta {meta_path} is missing or unreadable ({type(e).__name__}), so "
+            f"how they were drawn is unknown; delete {out} (or pick another --out) to draw new samples"
+        ) from None
+    if old.get("model_sha256") != meta["model_sha256"]:
+        stale = sorted(out.glob("*.png"))
+        log.warning(
+            "%s: %d images drawn from other weights (model.pt sha256 %s, now %s) are stale; drawing "
+            "them again",
+            out,
+            len(stale),
+            str(old.get("model_sha256"))[:12],
+            meta["model_sha256"][:12],
+        )
+        for f in stale:
+            f.unlink()
+        grid_path.unlink(missing_ok=True)
+        return
+    diff = sorted(k for k in meta if old.get(k) != meta[k])
+    if diff:
+        raise UserError(
+            f"{out}: holds samples drawn with other settings ({', '.join(diff)} differ, see {meta_path}); "
+            f"delete {out} and {meta_path} to draw new samples"
+        )
 
 
 def draw(p: Plan, seed: int, batch_size: int, desc: str) -> float:

@@ -3,7 +3,14 @@
 Every stage writes through these helpers:
 - a file goes to a temporary file in the same folder, is flushed and fsynced, then `os.replace`d over
   the target (atomic on POSIX), so a reader sees the old file or the new one, never a mix;
-- a folder is built beside its final name and swapped in only when complete (`build_folder`).
+- a folder is built beside its final name, in a temporary folder of its own process (host and pid in
+  its name), and swapped in only when complete (`build_folder`);
+- one process per output: `output_lock` holds an exclusive lock beside the output for the whole stage
+  and tells a second process which pid holds it;
+- `ensure_writable` checks the output folders before any compute, so a read-only, full or blocked
+  place is found in a second, not at the first checkpoint hours later;
+- an operating-system error while writing is one line naming the output and the cause
+  (`vmddpm.errors.os_error`), never a traceback.
 """
 
 from __future__ import annotations
@@ -11,12 +18,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from vmddpm.errors import TORCH_WRITE_FAILURES, UserError, os_error
+
+log = logging.getLogger(__name__)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -27,16 +41,20 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed.
 
     `suffix` defaults to the target's suffix so writers that infer the format from the name
-    (Pillow, matplotlib) still work.
+    (Pillow, matplotlib) still work. A failed write (read-only, full or blocked place; torch's
+    "unexpected pos" of a full disk) is a one-line UserError naming `path`; `path` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.",
-        suffix=suffix if suffix is not None else path.suffix,
-        dir=path.parent,
-    )
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.",
+            suffix=suffix if suffix is not None else path.suffix,
+            dir=path.parent,
+        )
+        os.close(fd)
+    except OSError as e:
+        raise os_error(e, path) from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -44,9 +62,38 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; final files get the usual mode
         os.replace(tmp_path, path)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        if e.filename in (None, str(tmp_path), str(path)):  # this write failed (not a read inside the block)
+            raise os_error(e, path) from None
+        raise
+    except RuntimeError as e:
+        tmp_path.unlink(missing_ok=True)
+        if any(s in str(e) for s in TORCH_WRITE_FAILURES):
+            raise write_failed(path, str(e)) from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def write_failed(path: Path, detail: str) -> UserError:
+    """A write that failed without an errno (torch's zip writer): most often a full disk."""
+    free = free_bytes(path.parent)
+    first = detail.strip().splitlines()[0][:120] if detail.strip() else "write failed"
+    if free is not None and free < 64 << 20:
+        return UserError(
+            f"{path}: no space left on device ({free} bytes free; {first}); free some space there, "
+            "then rerun (finished outputs are kept)"
+        )
+    return UserError(f"{path}: write failed ({first}); check the device and its free space, then rerun")
+
+
+def free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], Any]) -> Path:
@@ -96,41 +143,158 @@ def write_png_grid(path: str | Path, images: Any, pad: int = 2) -> Path:
     return write_png(path, grid)
 
 
+_HOST = socket.gethostname().replace(".", "_") or "host"
+
+
+def temp_prefix(final: Path, tag: str) -> str:
+    """Prefix of this process's temporary folders for `final`: `.<name>.<tag>.<host>.<pid>.`"""
+    return f".{final.name}.{tag}.{_HOST}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(final: Path, tags: tuple[str, ...]) -> None:
+    """Delete temporary folders of `final` left by killed processes of this host (their pid is gone);
+    those of live processes, or of other hosts, are left alone. Old fixed names (no pid) are stale."""
+    for tag in tags:
+        for p in final.parent.glob(f".{final.name}.{tag}*"):
+            rest = p.name[len(f".{final.name}.{tag}") :]
+            parts = rest.split(".")
+            if rest == "":
+                stale = True
+            elif len(parts) >= 3 and parts[1] == _HOST and parts[2].isdigit():
+                stale = not _pid_alive(int(parts[2]))
+            else:
+                stale = False
+            if stale:
+                log.info("removing %s (left by a killed run)", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def build_folder(final: str | Path, *, tag: str = "partial", replace: bool = True) -> Iterator[Path]:
     """Yield a temporary folder path beside `final`; when the block succeeds it becomes `final`.
 
-    - `replace=True`: the temporary path is `.<name>.<tag>` (a stale one from a killed run is removed
-      first; the block creates the folder); an existing `final` is moved aside and deleted after the
-      swap, so readers see the old folder or the new one.
-    - `replace=False`: the temporary folder is unique (two concurrent builders never collide) and an
-      existing `final` must be empty; otherwise the swap raises OSError and nothing is written.
+    The temporary folder is this process's own (`.<name>.<tag>.<host>.<pid>.<random>`, created): two
+    concurrent builders never share one, and those left by killed processes are removed first.
+
+    - `replace=True`: an existing `final` is moved aside and deleted after the swap, so readers see
+      the old folder or the new one.
+    - `replace=False`: an existing `final` must be empty; otherwise the swap raises OSError and nothing
+      is written.
 
     On any error in the block the temporary folder is removed and `final` is left as it was.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    old = final.parent / f".{final.name}.old"
-    if replace:
-        tmp = final.parent / f".{final.name}.{tag}"
-        for stale in (tmp, old):
-            if stale.exists():
-                shutil.rmtree(stale)
-    else:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=f".{tag}", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(final, (tag, "old"))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final, tag), dir=final.parent))
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a final folder gets the usual mode
+    except OSError as e:
+        raise os_error(e, final) from None
+    old: Path | None = None
     try:
         yield tmp
         if final.exists():
             if replace:
-                os.replace(final, old)
+                old = Path(tempfile.mkdtemp(prefix=temp_prefix(final, "old"), dir=final.parent))
+                os.replace(final, old / final.name)
             else:
                 final.rmdir()  # OSError unless empty
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not final.exists() and (old / final.name).exists():
+            os.replace(old / final.name, final)  # put the previous folder back
+            shutil.rmtree(old, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------- one process per output
+def lock_path(output: str | Path) -> Path:
+    """The lock file of an output: `.<name>.lock` beside it (never inside a declared output folder)."""
+    output = Path(output)
+    return output.parent / f".{output.name}.lock"
+
+
+def lock_holder(lock: Path) -> str:
+    """Who holds `lock`, from what the holder wrote into it: 'pid N' (plus the host when not this one)."""
+    try:
+        words = lock.read_text().split()
+    except (OSError, UnicodeDecodeError):
+        words = []
+    if not words or not words[0].isdigit():
+        return "another process"
+    host = words[1] if len(words) > 1 else _HOST
+    return f"pid {words[0]}" + (f" on {host}" if host != _HOST else "")
+
+
+@contextlib.contextmanager
+def output_lock(output: str | Path, command: str) -> Iterator[None]:
+    """Hold the exclusive lock of `output` for the block; a second holder gets a one-line UserError
+    naming the first one's pid. An flock: the kernel releases it when its process dies (kill -9
+    included), so a stale lock never blocks a rerun."""
+    from filelock import FileLock, Timeout
+
+    output = Path(output)
+    lock = lock_path(output)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        flock = FileLock(str(lock), timeout=0)
+        flock.acquire()
+        fd = os.open(lock, os.O_WRONLY)  # held: write who holds it (waiters only read)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {_HOST} vmddpm {command}\n".encode())
+        finally:
+            os.close(fd)
+    except Timeout:
+        holder = lock_holder(lock)
+        for _ in range(100):  # the holder writes its pid right after it wins the flock
+            if holder != "another process":
+                break
+            time.sleep(0.01)
+            holder = lock_holder(lock)
+        raise UserError(
+            f"{output}: another `vmddpm {command}` ({holder}) is writing it; wait for it to "
+            f"finish or stop it, then rerun (one process per output; lock {lock.name})"
+        ) from None
+    except OSError as e:
+        raise os_error(e, output) from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # still held: clear the pid, so no waiter reads a stale one
+            os.truncate(lock, 0)
+        flock.release()
+
+
+def ensure_writable(*folders: str | Path) -> None:
+    """Create each folder and write and delete a small probe file in it: a read-only file system, a
+    full disk, a missing permission or a file in the way is a one-line UserError before any compute."""
+    for folder in map(Path, folders):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".vmddpm-write-probe.", dir=folder)
+            try:
+                os.write(fd, b"\0" * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as e:
+            raise os_error(e, folder) from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -10,6 +10,11 @@ Why a wrapper instead of calling `mlflow` directly:
   experiment (`tracking.retries` times), so concurrent writers never lose a run.
 - `import mlflow` costs seconds: it is imported only when tracking is enabled and a run starts.
 - with `tracking.enabled: false` the same code runs against a no-op run object.
+- the run's lifecycle: FINISHED on success, KILLED on SIGINT/SIGTERM (`vmddpm.signals` raises them as
+  KeyboardInterrupt), FAILED otherwise. A run killed without a chance to say so (kill -9, a lost node)
+  stays RUNNING in the store; each run is tagged with the output it writes (`vmddpm.output`) and the
+  pid/host writing it, so the next run of that output, which holds the output's lock and so knows the
+  old writer is gone, marks such a stale run FAILED (`fail_stale_runs`).
 
 Usage::
 
@@ -25,6 +30,7 @@ import contextlib
 import logging
 import os
 import random
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -191,6 +197,33 @@ def _init_lock(uri: str) -> contextlib.AbstractContextManager[Any]:
     return FileLock(str(db) + ".lock", timeout=600)
 
 
+OUTPUT_TAG = "vmddpm.output"
+
+
+def fail_stale_runs(client: Any, exp_id: str, output: str, retries: int) -> list[str]:
+    """Mark FAILED every RUNNING run of `exp_id` tagged with `output`: called by the next run of that
+    output while it holds the output's lock, so their writers are gone (kill -9, a lost node)."""
+    from mlflow.entities import RunTag
+
+    quoted = output.replace("\\", "\\\\").replace("'", "\\'")
+    runs = retry(
+        client.search_runs,
+        [exp_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{OUTPUT_TAG}` = '{quoted}'",
+        max_results=1000,
+        retries=retries,
+    )
+    stale = [r.info.run_id for r in runs]
+    for run_id in stale:
+        note = RunTag(
+            "vmddpm.stale", f"its process ended without closing it; marked FAILED by pid {os.getpid()}"
+        )
+        retry(client.log_batch, run_id, tags=[note], retries=retries)
+        retry(client.set_terminated, run_id, "FAILED", retries=retries)
+        log.warning("MLflow run %s of %s was left RUNNING by a killed process; marked FAILED", run_id, output)
+    return stale
+
+
 @contextlib.contextmanager
 def start_run(
     cfg: Config,
@@ -199,8 +232,11 @@ def start_run(
     dataset: str | None = None,
     model: str | None = None,
     tags: Mapping[str, Any] | None = None,
+    output: str | Path | None = None,
 ) -> Iterator[NullRun]:
-    """One MLflow run for one stage invocation; status FINISHED on success, FAILED/KILLED otherwise."""
+    """One MLflow run for one stage invocation; status FINISHED on success, KILLED on SIGINT/SIGTERM,
+    FAILED otherwise. `output`: the path the stage writes (its lock held by the caller); stale RUNNING
+    runs of it are marked FAILED first."""
     if not cfg.tracking.enabled:
         yield NullRun()
         return
@@ -228,6 +264,12 @@ def start_run(
         all_tags["git_commit"] = commit
         all_tags["mlflow.source.git.commit"] = commit
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+    if output is not None:
+        output = str(Path(output).resolve())
+        all_tags.update(
+            {OUTPUT_TAG: output, "vmddpm.pid": str(os.getpid()), "vmddpm.host": socket.gethostname()}
+        )
+        fail_stale_runs(client, exp_id, output, retries)
     name = "-".join(x for x in (stage, dataset, model) if x)
     info = retry(client.create_run, exp_id, tags=all_tags, run_name=name, retries=retries).info
     run = Run(client, info.run_id, retries)

@@ -7,8 +7,21 @@
   one-line `UserError`, and refuses a checkpoint whose model signature differs from the requested one,
   naming the differing keys. `capture_rng_state` / `restore_rng_state` store python, numpy, torch and
   CUDA generator states as tensors and plain types only, so `weights_only=True` can read them back.
-- **Resume.** `resume` loads `last.pt` into the parts of a run (model, EMA, optimisers, ...), the global
-  RNGs and the run's noise generator; `already_trained` makes a rerun of a finished run a no-op.
+- **Where checkpoints live, and which one a run may resume.** The train folder is the stage's declared
+  output, and both orchestrators delete it around a failed or rerun job (Snakemake removes a job's
+  outputs before it runs and after it fails; `dvc repro` removes a stage's outs before it runs). So the
+  step checkpoints live beside it, in `checkpoints/<run key>/` (`Config.checkpoints_dir`), which no tool
+  deletes: `Checkpoints` keeps the last `train.keep_checkpoints` of them. The run key is a hash of every
+  knob the weights' trajectory depends on (`training_knobs`: the model signature, which includes the
+  diffusion settings, the optimiser and EMA knobs, seed, image size, augmentation and the prepared
+  data's fingerprint), never of `train.steps` (a longer run extends a shorter one) or of runtime knobs
+  (device, logging, checkpoint cadence). A run resumes only from its own key's checkpoints: changed
+  knobs start a new run at step 0 beside the old one (kept; a warning names the knobs that differ),
+  never a silent mix of two configurations.
+- **Resume.** `resume` loads the newest checkpoint that loads (a truncated or corrupt newer one is
+  named in a warning and set aside as `*.corrupt`) into the parts of a run (model, EMA, optimisers,
+  ...), the global RNGs and the run's noise generator; `already_trained` makes a rerun of a finished
+  run a no-op.
 - **Data order.** `EpochSampler` (a per-epoch permutation of `seed + epoch`, sharded over ranks, resumed
   from the number of samples consumed) and `make_loader` (a DataLoader that leaves the global RNG alone).
 - **EMA.** `make_ema` (torch's `AveragedModel`) and `update_ema` (exact copies during the warm-up).
@@ -21,15 +34,22 @@ The file names of a train folder are part of the contract between stages (`vmddp
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
+import hashlib
 import io
+import json
 import logging
 import math
+import os
 import pickle
 import random
 import re
+import shutil
 import zipfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +60,26 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vmddpm.config import Config
-from vmddpm.contracts import FINAL, HISTORY, HISTORY_FIELDS, MANIFEST
+from vmddpm.contracts import FINAL, HISTORY, HISTORY_FIELDS, LAST, MANIFEST
 from vmddpm.errors import UserError
-from vmddpm.io import atomic_path, write_text
+from vmddpm.io import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------- checkpoints
 #: name pattern of periodic checkpoints inside a train folder: step_00001234.pt
 STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint file that does not load; `reason` is torch's first line."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            f"{path}: truncated or corrupt checkpoint ({reason}); delete it and rerun `vmddpm train`, which "
+            "resumes from the newest good step checkpoint (checkpoints/ beside the train folder)"
+        )
+        self.path, self.reason = path, reason
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -78,10 +109,7 @@ def load_checkpoint(
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(
-            f"{path}: truncated or corrupt checkpoint ({reason}); delete it to resume from an earlier "
-            "checkpoint in the same folder, or retrain"
-        ) from None
+        raise CorruptCheckpoint(path, reason.split(". ")[0]) from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a vmddpm checkpoint (got {type(state).__name__}); delete it")
     if expect is not None:
@@ -101,8 +129,8 @@ def check_signature(path: Path, stored: dict[str, Any] | None, expect: dict[str,
             for k in diff
         )
         raise UserError(
-            f"{path}: checkpoint is from another model ({detail}); use the matching --model/params or "
-            "delete the folder to train from scratch"
+            f"{path}: checkpoint is from another model or diffusion process ({detail}); use the --model "
+            "and params it was trained with, or train this configuration (vmddpm train)"
         )
 
 
@@ -113,23 +141,197 @@ def _norm(v: Any) -> Any:
     return v
 
 
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The periodic checkpoint `step_*.pt` with the highest step in `directory`, else `last.pt`, else None.
+def step_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of the periodic checkpoints `step_*.pt` in `directory`, newest first.
 
     Temp files of an interrupted write (`.step_....pt.xxxx.pt`) start with a dot and are ignored.
     """
     directory = Path(directory)
     if not directory.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
-    for p in directory.iterdir():
-        m = STEP_PATTERN.match(p.name)
-        if m and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), p)
-    if best is not None:
-        return best[1]
-    last = directory / "last.pt"
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_PATTERN.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The periodic checkpoint `step_*.pt` with the highest step in `directory`, else `last.pt`, else None."""
+    steps = step_checkpoints(directory)
+    if steps:
+        return steps[0][1]
+    last = Path(directory) / LAST
     return last if last.is_file() else None
+
+
+# ------------------------------------------------------------------------------- the run key and its store
+#: train knobs that never change a run's weights: left out of the run key
+RUNTIME_TRAIN_KEYS = (
+    "steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "sample_every",
+    "sample_grid",
+    "log_every",
+    "num_workers",
+    "device",
+    "deterministic",
+)
+#: the train knobs a GAN's loop reads (its optimiser knobs live in baselines.gan)
+GAN_TRAIN_KEYS = ("batch_size", "ema_decay", "ema_warmup_steps")
+
+
+def data_fingerprint(cfg: Config, dataset: str) -> str:
+    """sha256 of what training reads of the prepared dataset: its manifest and the fingerprint of the
+    raw data and knobs it was prepared from (`prepare.json`; absent for hand-made test sets)."""
+    folder = cfg.prepared_dir(dataset)
+    h = hashlib.sha256()
+    for name in (MANIFEST, "prepare.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if name == "prepare.json":
+            # only the fingerprint: the file also names the folder it was prepared in
+            with contextlib.suppress(ValueError, AttributeError):
+                data = json.dumps(json.loads(data).get("fingerprint"), sort_keys=True).encode()
+        h.update(name.encode() + b"\0" + data)
+    return h.hexdigest()
+
+
+def _signature_key(family: str, model: str, key: str) -> str:
+    """The params.yaml key a model-signature entry comes from (for messages naming knobs)."""
+    if key.startswith("diffusion."):
+        return key
+    if key == "image_size":
+        return "data.image_size"
+    if key in ("family", "gan_loss"):
+        return f"presets.{model}.{key}"
+    group = {"vmunet": "model", "unet_attn": "baselines.unet_attn", "dit": "baselines.dit"}.get(
+        family, "baselines.gan"
+    )
+    return f"{group}.{key}"
+
+
+def training_knobs(cfg: Config, dataset: str, model: str, signature: dict[str, Any]) -> dict[str, Any]:
+    """Every knob the weights of a training run depend on, by params.yaml key (the run key's input)."""
+    family = cfg.preset(model).family
+    knobs: dict[str, Any] = {_signature_key(family, model, k): v for k, v in signature.items()}
+    train = dataclasses.asdict(cfg.train)
+    keys = GAN_TRAIN_KEYS if family == "gan" else [k for k in train if k not in RUNTIME_TRAIN_KEYS]
+    knobs.update({f"train.{k}": train[k] for k in keys})
+    knobs.update({"seed": cfg.seed, "data.image_size": cfg.data.image_size, "data.hflip": cfg.data.hflip})
+    if family == "vmunet":
+        knobs["model.dropout"] = cfg.model_config(model).dropout
+    elif family == "unet_attn":
+        knobs["baselines.unet_attn.dropout"] = cfg.baselines.unet_attn.dropout
+    elif family == "gan":
+        g = cfg.baselines.gan
+        knobs.update({f"baselines.gan.{k}": getattr(g, k) for k in ("lr", "betas", "n_critic", "gp_weight")})
+    knobs[f"data.prepared.{dataset}"] = data_fingerprint(cfg, dataset)
+    return json.loads(json.dumps(knobs, default=str))  # plain JSON types: comparable after a round trip
+
+
+def run_key(knobs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def knob_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'key old -> new' for every knob that differs (the data fingerprint shortened)."""
+
+    def show(k: str, v: Any) -> str:
+        return "<missing>" if v is None else (str(v)[:12] if k.startswith("data.prepared") else repr(v))
+
+    return [
+        f"{k} {show(k, old.get(k))} -> {show(k, new.get(k))}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+
+
+@dataclass
+class Checkpoints:
+    """The step checkpoints of one training configuration: `checkpoints/<run key>/step_XXXXXXXX.pt`
+    (the last `keep` of them) and `knobs.json` (what the key stands for)."""
+
+    root: Path
+    knobs: dict[str, Any]
+    keep: int
+
+    @property
+    def key(self) -> str:
+        return run_key(self.knobs)
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.key
+
+    def save(self, state: dict[str, Any]) -> Path:
+        """Write `state` as the checkpoint of its step, then drop all but the newest `keep`."""
+        path = self.folder / f"step_{int(state['step']):08d}.pt"
+        save_checkpoint(path, {**state, "run_key": self.key, "knobs": self.knobs})
+        if not (self.folder / "knobs.json").is_file():
+            write_json(self.folder / "knobs.json", self.knobs)
+        for _, old in step_checkpoints(self.folder)[self.keep :]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def latest(self, signature: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint of this key that loads; a corrupt newer one is named in a warning and
+        renamed `*.corrupt` (kept for inspection, out of the rotation)."""
+        for _, path in step_checkpoints(self.folder):
+            try:
+                return path, load_checkpoint(path, expect=signature)
+            except CorruptCheckpoint as e:
+                aside = path.with_name(path.name + ".corrupt")
+                try:
+                    os.replace(path, aside)
+                except OSError:
+                    aside = path
+                log.warning(
+                    "%s: truncated or corrupt checkpoint (%s); set aside as %s, falling back to an older one",
+                    path,
+                    e.reason,
+                    aside.name,
+                )
+        return None
+
+    def explain_fresh_start(self) -> None:
+        """A fresh run beside checkpoints of other knobs: one warning naming what differs."""
+        others = [
+            (max((s for s, _ in step_checkpoints(d)), default=-1), d)
+            for d in (self.root.iterdir() if self.root.is_dir() else [])
+            if d.is_dir() and d.name != self.key and (d / "knobs.json").is_file()
+        ]
+        if not others:
+            return
+        step, newest = max(others)
+        try:
+            old = json.loads((newest / "knobs.json").read_text())
+        except (OSError, ValueError):
+            return
+        diff = knob_diff(old, self.knobs)
+        log.warning(
+            "%s: no checkpoint for these knobs, training from step 0; the newest other run (%s, step %d, "
+            "kept) differs in %s",
+            self.root,
+            newest.name,
+            step,
+            "; ".join(diff) or "nothing named",
+        )
+
+
+def open_checkpoints(cfg: Config, dataset: str, model: str, signature: dict[str, Any]) -> Checkpoints:
+    return Checkpoints(
+        cfg.checkpoints_dir(dataset, model),
+        training_knobs(cfg, dataset, model, signature),
+        cfg.train.keep_checkpoints,
+    )
+
+
+def copy_file(src: Path, dest: Path) -> None:
+    """`dest` becomes a copy of `src`, atomically. A copy, not a hard link: DVC may move `dest` into its
+    cache and make it read-only, which must never touch the store's file."""
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 # ------------------------------------------------------------------------------------------- RNG state
@@ -176,32 +378,76 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------------ resume
 def resume(
-    last: Path, signature: dict[str, Any], parts: dict[str, Any], noise_gen: torch.Generator, rank: int = 0
+    ckpts: Checkpoints,
+    last: Path,
+    signature: dict[str, Any],
+    parts: dict[str, Any],
+    noise_gen: torch.Generator,
+    rank: int = 0,
 ) -> tuple[int, list[dict[str, float]], dict[str, Any] | None]:
-    """Load `last.pt` (when it exists) into `parts` (checkpoint key -> object with load_state_dict),
-    the global RNGs and this rank's noise generator. Returns (step, history, checkpoint): (0, [],
-    None) for a fresh run."""
-    if not last.is_file():
+    """Load the newest good checkpoint of this run key (its store, or `last.pt` of the train folder when
+    that is newer and of the same key) into `parts` (checkpoint key -> object with load_state_dict), the
+    global RNGs and this rank's noise generator. Returns (step, history, checkpoint): (0, [], None) for
+    a fresh run."""
+    found = ckpts.latest(signature)
+    if last.is_file():
+        try:
+            state = torch.load(last, map_location="cpu", weights_only=True)
+        except Exception:
+            state = None
+        if (
+            isinstance(state, dict)
+            and state.get("run_key") == ckpts.key
+            and (found is None or int(state["step"]) > int(found[1]["step"]))
+        ):
+            check_signature(last, state.get("signature"), signature)
+            found = (last, state)
+    if found is None:
+        if rank == 0:
+            ckpts.explain_fresh_start()
         return 0, [], None
-    state = load_checkpoint(last, expect=signature)
+    path, state = found
     for key, obj in parts.items():
         obj.load_state_dict(state[key])
     restore_rng_state(state["rng"])
     gens = state["noise_rng"]
     noise_gen.set_state(gens[rank] if rank < len(gens) else gens[0])
+    if rank == 0:
+        log.info("resuming from %s (step %d)", path, int(state["step"]))
     return int(state["step"]), [dict(r) for r in state.get("history", [])], state
 
 
-def already_trained(final: Path, signature: dict[str, Any], steps: int) -> bool:
-    """True when `model.pt` exists for this very model (signature checked) at >= `steps`: a rerun of
-    `vmddpm train` is then a no-op."""
+def already_trained(final: Path, signature: dict[str, Any], steps: int, key: str) -> bool:
+    """True when `model.pt` exists for this very configuration (signature and run key) at >= `steps`:
+    a rerun of `vmddpm train` is then a no-op."""
     if not final.is_file():
         return False
-    done = int(load_checkpoint(final, expect=signature)["step"])
+    state = load_checkpoint(final)
+    if state.get("run_key") != key:  # the key covers the signature
+        log.info("%s: trained with other knobs; training this configuration", final)
+        return False
+    check_signature(final, state.get("signature"), signature)
+    done = int(state["step"])
     if done >= steps:
         log.info("%s: already trained to step %d; nothing to do", final, done)
         return True
     return False
+
+
+def prepare_outputs(out: Path, ckpts: Checkpoints) -> None:
+    """Before any compute: the train folder and the checkpoint store are writable folders."""
+    from vmddpm.io import ensure_writable
+
+    ensure_writable(out, ckpts.folder)
+
+
+def save_final(out: Path, ckpts: Checkpoints, full: dict[str, Any], final: dict[str, Any]) -> Path:
+    """The end of a run: its full state as the store's newest checkpoint and as `last.pt` of the train
+    folder (a copy), then `model.pt`. Returns the path of `model.pt`."""
+    path = ckpts.save(full)
+    copy_file(path, out / LAST)
+    save_checkpoint(out / FINAL, {**final, "run_key": ckpts.key, "knobs": ckpts.knobs})
+    return out / FINAL
 
 
 # -------------------------------------------------------------------------------------------- data order
@@ -236,15 +482,21 @@ class EpochSampler(Sampler[int]):
         return 2**62
 
 
-def load_training_split(cfg: Config, dataset: str) -> Dataset:
-    """The training split of a prepared dataset, as (1, H, W) float tensors in [-1, 1]."""
+def require_prepared(cfg: Config, dataset: str) -> Path:
+    """The prepared dataset's folder; a one-line UserError when it has no manifest."""
     folder = cfg.prepared_dir(dataset)
-    manifest = folder / MANIFEST
-    if not folder.is_dir() or not manifest.is_file():
+    if not folder.is_dir() or not (folder / MANIFEST).is_file():
         raise UserError(
             f"{folder}: no prepared dataset (manifest.csv missing); "
             f"run `vmddpm prepare --dataset {dataset}` first"
         )
+    return folder
+
+
+def load_training_split(cfg: Config, dataset: str) -> Dataset:
+    """The training split of a prepared dataset, as (1, H, W) float tensors in [-1, 1]."""
+    folder = require_prepared(cfg, dataset)
+    manifest = folder / MANIFEST
     from vmddpm.data.dataset import SliceDataset
 
     ds = SliceDataset(folder, split="train", image_size=cfg.data.image_size, hflip=False)

@@ -349,7 +349,7 @@ def raw_tree(cfg: Config, dataset: str) -> Path:
             )
     root = find_root(tree, src)
     if root is None:
-        where = f" (set by {key} in {cfg.source})" if key else ""
+        where = f" (set by {key} in {cfg.origin(key)})" if key else ""
         raise UserError(
             f"{tree}: no {src.root}/ folder found{where}; expected the official layout {src.layout}"
         )

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -264,9 +265,8 @@ def write_phantoms(cfg: Config, dataset: str, out: Path, archive: bool = True) -
         return target
     out.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
-    tmp_tree = out / f".{src.root}.partial"
-    if tmp_tree.exists():
-        shutil.rmtree(tmp_tree)
+    io.remove_stale_temps(out / src.root, ("partial",))
+    tmp_tree = Path(tempfile.mkdtemp(prefix=io.temp_prefix(out / src.root, "partial"), dir=out))
     files = 0
     with io.atomic_path(out / src.archive) if archive else contextlib.nullcontext() as zpath:
         zf = zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) if zpath else None

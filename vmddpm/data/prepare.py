@@ -16,6 +16,7 @@ Why these choices:
 from __future__ import annotations
 
 import csv
+import hashlib
 import io as _io
 import json
 import logging
@@ -37,7 +38,7 @@ from vmddpm.errors import UserError
 log = logging.getLogger(__name__)
 
 DONE = "prepare.json"
-VERSION = 1
+VERSION = 2  # 2: the raw tree by its files
 
 
 def reader(dataset: str) -> ModuleType:
@@ -66,15 +67,36 @@ def split_subjects(ids: Sequence[str], fractions: dict[str, float], seed: int) -
     return out
 
 
+def tree_digest(root: Path, mtimes: bool) -> dict[str, object]:
+    """The files of a raw tree by name and size (and modification time): a deleted, added, truncated or
+    rewritten file changes the digest; reading the bytes of a 10 GB tree is not needed for that."""
+    h = hashlib.sha256()
+    n = 0
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink() or not p.is_file():
+            continue
+        st = p.stat()
+        stamp = f"\t{st.st_mtime_ns}" if mtimes else ""
+        h.update(f"{p.relative_to(root).as_posix()}\t{st.st_size}{stamp}\n".encode())
+        n += 1
+    return {"files": n, "sha256": h.hexdigest(), "mtimes": mtimes}
+
+
 def fingerprint(cfg: Config, dataset: str, root: Path) -> dict[str, object]:
-    """Every input and knob the prepared output depends on (the raw archive's sha256 when known)."""
+    """Every input and knob the prepared output depends on: the knobs, and the raw tree by its files
+    (plus the archive's sha256 for a download; modification times too for a placed `raw_dir`, whose
+    files no checksum vouches for). Not the tree's path: a moved tree is the same data."""
     from vmddpm.data.download import MARKER
 
     dcfg = asdict(cfg.dataset(dataset))
+    placed = bool(dcfg["raw_dir"])
     for k in ("source", "archive", "raw_dir", "url"):
         dcfg.pop(k)
     marker = next((p / MARKER for p in (root, *root.parents) if (p / MARKER).is_file()), None)
-    raw = json.loads(marker.read_text())["sha256"] if marker else str(root)
+    if marker and not placed:  # extracted by `vmddpm download`: its checkout by DVC may change mtimes, not contents
+        raw: object = {"archive_sha256": json.loads(marker.read_text())["sha256"], **tree_digest(root, False)}
+    else:
+        raw = tree_digest(root, True)
     return {
         "version": VERSION,
         "dataset": dataset,

@@ -82,9 +82,11 @@ def build_gan(cfg: Config, name: str, image_size: int | None = None) -> tuple[nn
 def model_signature(cfg: Config, name: str, image_size: int | None = None) -> dict[str, Any]:
     """The resolved architecture of preset `name`: family plus every config value its weights depend on.
 
-    Train stores it in the checkpoint and refuses to resume from one whose signature differs. Runtime
-    choices that do not change the weights (scan backend, dropout, optimiser knobs) are left out, so a
-    checkpoint trained with the CUDA scan resumes on CPU.
+    Train stores it in the checkpoint and refuses to resume from one whose signature differs; sample
+    and sweep refuse weights whose signature differs. A diffusion network's signature includes the
+    diffusion process it was trained for (`diffusion.*`: the schedule and what it predicts), since its
+    weights mean nothing under another. Runtime choices that do not change the weights (scan backend,
+    dropout, optimiser knobs) are left out, so a checkpoint trained with the CUDA scan resumes on CPU.
     """
     preset = cfg.preset(name)
     sig: dict[str, Any] = {"family": preset.family}
@@ -108,6 +110,8 @@ def model_signature(cfg: Config, name: str, image_size: int | None = None) -> di
             d_channels=g.d_channels,
             image_size=_image_size(cfg, image_size),
         )
+    if preset.family != "gan":
+        sig.update({f"diffusion.{k}": v for k, v in dataclasses.asdict(cfg.diffusion).items()})
     return sig
 
 

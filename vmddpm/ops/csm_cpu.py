@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from vmddpm.ops.selective_scan import _keep_torch_threads, _match_numba_threads
+from vmddpm.signals import deferred
 
 CSM_CHUNK = 32
 """Steps between the state checkpoints of the forward (a kernel tile, not a model knob): the
@@ -63,7 +64,8 @@ class _CsmScanCpu(torch.autograd.Function):
         threads = _match_numba_threads()
         blk = _blocks_for(u.shape[0], u.shape[2], threads)
         arrays = (*(a for a, _ in views), idx_np)
-        y, ckpt = csm_kernels.csm_fwd(*arrays, CSM_CHUNK, blk)
+        with deferred():  # a Ctrl-C inside numba stops after the kernel (vmddpm.signals)
+            y, ckpt = csm_kernels.csm_fwd(*arrays, CSM_CHUNK, blk)
         _keep_torch_threads(threads)
         # Everything the backward reads goes through save_for_backward, never as arrays kept on ctx:
         # under activation checkpointing the saved tensors are dropped after the forward and
@@ -82,9 +84,15 @@ class _CsmScanCpu(torch.autograd.Function):
         arrays = [_as_array(t, ctx.cdt)[0] for t in floats]
         gy_np, _gy = _as_array(gy, ctx.cdt)
         threads = _match_numba_threads()
-        grads = csm_kernels.csm_bwd(
-            *arrays, _as_array(idx_t, torch.int64)[0], _as_array(ckpt, ctx.cdt)[0], gy_np, CSM_CHUNK, ctx.blk
-        )
+        with deferred():
+            grads = csm_kernels.csm_bwd(
+                *arrays,
+                _as_array(idx_t, torch.int64)[0],
+                _as_array(ckpt, ctx.cdt)[0],
+                gy_np,
+                CSM_CHUNK,
+                ctx.blk,
+            )
         _keep_torch_threads(threads)
         out = []
         for g, dtype in zip(grads, ctx.dtypes, strict=True):

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from vmddpm.ops.scan_pscan import no_autocast, selective_scan_pscan
+from vmddpm.signals import deferred
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +335,8 @@ class _CpuScan(torch.autograd.Function):
         threads = _match_numba_threads()
         u_, dt_, A_ = arr(u), arr(dt), arr(A)
         bt, ct = arr(Bg.transpose(2, 3)), arr(Cg.transpose(2, 3))  # (batch, G, L, N)
-        y, last, ckpt = scan_cpu.scan_fwd(u_, dt_, A_, bt, ct, CPU_CHUNK)
+        with deferred():  # a Ctrl-C inside numba stops after the kernel (vmddpm.signals)
+            y, last, ckpt = scan_cpu.scan_fwd(u_, dt_, A_, bt, ct, CPU_CHUNK)
         _keep_torch_threads(threads)
         ctx.arrays = (u_, dt_, A_, bt, ct, ckpt)
         return torch.from_numpy(y), torch.from_numpy(last)
@@ -350,7 +352,8 @@ class _CpuScan(torch.autograd.Function):
             dlast_ = np.zeros((u_.shape[0], u_.shape[1], A_.shape[1]), dtype=u_.dtype)
         else:
             dlast_ = dlast.detach().contiguous().numpy()
-        du, ddt, da, db, dc = scan_cpu.scan_bwd(u_, dt_, A_, bt, ct, ckpt, dy_, dlast_, CPU_CHUNK)
+        with deferred():
+            du, ddt, da, db, dc = scan_cpu.scan_bwd(u_, dt_, A_, bt, ct, ckpt, dy_, dlast_, CPU_CHUNK)
         _keep_torch_threads(threads)
         t = torch.from_numpy
         return t(du), t(ddt), t(da).sum(0), t(db).transpose(2, 3), t(dc).transpose(2, 3)

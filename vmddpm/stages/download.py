@@ -9,9 +9,12 @@ later stage trusts what lands in `data/raw/<dataset>`. So (`vmddpm.data.download
 - checksums are pinned in `vmddpm/data/sources.py` or, where none is published, recorded in
   `data/raw/CHECKSUMS` on the first verified download and enforced from then on;
 - extraction rejects absolute paths, `..`, links that leave the target, special files, and archives
-  that would unpack larger than `data.max_unpacked_bytes`; it extracts into a temporary folder that
-  is renamed into place together with a completion marker, so an interrupted extract never looks
-  finished and a second `download` is a no-op.
+  that would unpack larger than `data.max_unpacked_bytes`; it extracts into a temporary folder of its
+  own process that is renamed into place together with a completion marker, so an interrupted extract
+  never looks finished and a second `download` is a no-op;
+- one process per dataset: the stage holds `data/raw/.<dataset>.lock`; a second `vmddpm download` of
+  the same dataset stops at once, naming the first one's pid (two of them once shared a temporary
+  folder and installed a partial tree).
 
 The demo scale (`source: phantom`) generates the phantom archive (`vmddpm.data.phantoms`) and then
 goes through exactly the same fetch/verify/extract path via a `file://` URL.
@@ -38,21 +41,27 @@ from vmddpm.data.download import (
 from vmddpm.data.phantoms import write_phantoms
 from vmddpm.data.sources import SOURCES
 from vmddpm.errors import UserError
-from vmddpm.io import sha256_file
+from vmddpm.io import ensure_writable, output_lock, sha256_file
 
 log = logging.getLogger(__name__)
 
 
 def download_dataset(cfg: Config, dataset: str) -> Path:
     """`vmddpm download --dataset D`: the raw tree of D, verified and extracted (idempotent)."""
-    src = SOURCES[dataset]
     dcfg = cfg.dataset(dataset)
     if dcfg.raw_dir:
         root = raw_tree(cfg, dataset)
         log.info("%s: using the placed raw tree %s", dataset, root)
         return user_path(cfg, dcfg.raw_dir)
-
     raw = cfg.raw_dir(dataset)
+    with output_lock(raw, "download"):  # one process per output: never two extractions racing
+        ensure_writable(raw.parent)
+        return _download(cfg, dataset, raw)
+
+
+def _download(cfg: Config, dataset: str, raw: Path) -> Path:
+    src = SOURCES[dataset]
+    dcfg = cfg.dataset(dataset)
     default_archive = raw.parent / "archives" / dataset / src.archive
     sums_file = checksums_path(cfg)
     sum_key = f"{dataset}/{src.archive}"
@@ -63,8 +72,8 @@ def download_dataset(cfg: Config, dataset: str) -> Path:
         placed = user_path(cfg, dcfg.archive)
         if not placed.is_file():
             raise UserError(
-                f"{placed}: no such archive (data.{dataset}.archive in {cfg.source}); "
-                "fix the path or unset it"
+                f"{placed}: no such archive (data.{dataset}.archive, set in "
+                f"{cfg.origin(f'data.{dataset}.archive')}); fix the path or unset it"
             )
         kind, expected, size = "placed", src.sha256 or read_checksums(sums_file).get(sum_key), src.size
     elif dcfg.source == "phantom":

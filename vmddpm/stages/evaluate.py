@@ -5,6 +5,10 @@ The maths is `vmddpm.metrics`; the extractor, the reference set and its cached f
 `vmddpm.evalkit` (shared with the sweep stage). How the samples were drawn comes from the sample stage's
 `<samples>_meta.json` when present. One MLflow run per invocation, metrics at the checkpoint's training
 step, so evaluations of runs trained for different lengths make an FID-against-step curve in the report.
+
+Nothing stale: metrics.json records the sha256 of the `model.pt` the samples came from
+(`model_sha256`), and samples drawn from weights that are no longer the model's (it was retrained) are
+refused with one line saying to sample again. One process per output (`.metrics.json.lock`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 
 from vmddpm import io as vio
 from vmddpm.config import Config
-from vmddpm.contracts import comparable, label, read_samples_meta, samples_meta_path
+from vmddpm.contracts import FINAL, comparable, label, read_samples_meta, samples_meta_path
 from vmddpm.errors import UserError
 from vmddpm.evalkit import (
     PROTOCOL_VERSION,
@@ -47,6 +51,7 @@ def _sampler_fields(cfg: Config, model: str, samples: Path) -> dict[str, Any]:
             "seed": meta.get("seed"),
             "eta": meta.get("eta"),
             "checkpoint_step": meta.get("checkpoint_step"),
+            "model_sha256": meta.get("model_sha256"),
             "samples_meta": str(samples_meta_path(samples)),
         }
     if cfg.preset(model).family == "gan":
@@ -149,7 +154,33 @@ def evaluate(
     cfg.preset(model)
     samples = Path(samples) if samples is not None else cfg.samples_dir(dataset, model)
     out = Path(out) if out is not None else cfg.metrics_path(dataset, model)
+    with vio.output_lock(out, "evaluate"):
+        vio.ensure_writable(out.parent)
+        return _evaluate(cfg, dataset, model, samples, out)
+
+
+def check_samples_fresh(cfg: Config, dataset: str, model: str, samples: Path) -> None:
+    """Samples whose meta names another `model.pt` than the current one of the model that drew them
+    (the meta's dataset and model; the command's when it names none) are stale."""
+    meta = read_samples_meta(samples)
+    if not meta or not meta.get("model_sha256"):
+        return
+    dataset, model = str(meta.get("dataset") or dataset), str(meta.get("model") or model)
+    final = cfg.train_dir(dataset, model) / FINAL
+    if not final.is_file():
+        return
+    now = vio.sha256_file(final)
+    if meta["model_sha256"] != now:
+        raise UserError(
+            f"{samples}: drawn from model.pt sha256 {meta['model_sha256'][:12]}, but {final} is now "
+            f"{now[:12]} (retrained); draw them again with `vmddpm sample --dataset {dataset} --model "
+            f"{model}`, then evaluate"
+        )
+
+
+def _evaluate(cfg: Config, dataset: str, model: str, samples: Path, out: Path) -> Path:
     list_images(samples)  # a bad samples folder fails fast, before the reference set is read
+    check_samples_fresh(cfg, dataset, model, samples)
     real, train = reference_set(cfg, dataset)
     n_fake = cfg.eval.n_fake or len(real)
     fake = load_folder(samples, "generated", limit=n_fake)
@@ -203,7 +234,12 @@ def _track(cfg: Config, dataset: str, model: str, metrics: dict[str, Any], out: 
         if k in metrics
     }
     with start_run(
-        cfg, "evaluate", dataset=dataset, model=model, tags={"label": metrics["label"] or "paper-protocol"}
+        cfg,
+        "evaluate",
+        dataset=dataset,
+        model=model,
+        tags={"label": metrics["label"] or "paper-protocol"},
+        output=out,
     ) as run:
         run.log_params({f"eval_protocol.{k}": v for k, v in params.items()})
         step = metrics.get("checkpoint_step")

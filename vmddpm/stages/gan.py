@@ -5,13 +5,15 @@ optimisers, which the diffusion loop (`vmddpm.stages.train`) does not do. Everyt
 the same training kit (`vmddpm.trainkit`), so `sample`, `evaluate` and the workflow treat GANs as any
 other model:
 
-- the same files in `cfg.train_dir(dataset, model)`: `last.pt` (full state: generator, discriminator,
-  EMA of the generator, both optimisers, step, global RNG states, the latent/penalty RNG, the data
-  sampler position, config, signature, history; atomic, every `train.checkpoint_every` steps and at
-  the end), `model.pt` (written once at the end: `model` = generator, `ema` = EMA generator,
-  `discriminator`, step, signature) and `history.csv` (step, loss, loss_g, loss_d, lr, images_per_s;
-  `loss` is the generator loss so the column means "the objective being minimised" everywhere);
-- automatic resume from `last.pt`; re-invoking a finished run (model.pt at >= train.steps) is a no-op;
+- the same files in `cfg.train_dir(dataset, model)`: `last.pt` (full state at the end: generator,
+  discriminator, EMA of the generator, both optimisers, step, global RNG states, the latent/penalty
+  RNG, the data sampler position, config, signature, history), `model.pt` (written once at the end:
+  `model` = generator, `ema` = EMA generator, `discriminator`, step, signature) and `history.csv`
+  (step, loss, loss_g, loss_d, lr, images_per_s; `loss` is the generator loss so the column means "the
+  objective being minimised" everywhere); the same step checkpoints beside it
+  (`checkpoints/<run key>/`, every `train.checkpoint_every` steps, at a SIGINT/SIGTERM and at the end);
+- automatic resume from the newest good checkpoint of the same knobs; re-invoking a finished run
+  (model.pt at >= train.steps) is a no-op; the same output lock and clean stop on a signal;
 - one MLflow run (stage=train) with the losses per logged step;
 - determinism as in the diffusion loop: init from `seed`, latents and gradient-penalty mixing weights
   from one checkpointed `torch.Generator`, data order from `EpochSampler`; a killed and resumed CPU run
@@ -25,17 +27,19 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vmddpm import __version__, cpu_memory
+from vmddpm import __version__, cpu_memory, signals
 from vmddpm.adversarial import discriminator_loss, generator_loss
 from vmddpm.config import Config
 from vmddpm.contracts import FINAL, GAN_HISTORY_FIELDS, HISTORY, LAST
 from vmddpm.errors import UserError
+from vmddpm.io import output_lock
 from vmddpm.runtime import resolve_device, set_determinism
 from vmddpm.tracking import start_run
 from vmddpm.trainkit import (
@@ -49,8 +53,11 @@ from vmddpm.trainkit import (
     load_training_split,
     make_ema,
     make_loader,
+    open_checkpoints,
+    prepare_outputs,
+    require_prepared,
     resume,
-    save_checkpoint,
+    save_final,
     update_ema,
     write_history,
 )
@@ -59,11 +66,8 @@ log = logging.getLogger(__name__)
 
 
 def train_gan(cfg: Config, dataset: str, model: str) -> Path:
-    """Train gan preset `model` on `dataset` (resuming from `last.pt`); returns the train folder."""
-    from tqdm.auto import tqdm
-
-    from vmddpm.nn.registry import build_gan, model_signature
-
+    """Train gan preset `model` on `dataset` (resuming from the newest good checkpoint of this
+    configuration); returns the train folder."""
     preset = cfg.preset(model)
     cfg.dataset(dataset)
     if preset.family != "gan":
@@ -72,10 +76,23 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
             "it with the diffusion train stage (vmddpm.stages.train.train)"
         )
     out = cfg.train_dir(dataset, model)
+    with output_lock(out, "train"):  # one process per output
+        return _train_gan(cfg, dataset, model, out)
+
+
+def _train_gan(cfg: Config, dataset: str, model: str, out: Path) -> Path:
+    from tqdm.auto import tqdm
+
+    from vmddpm.nn.registry import build_gan, model_signature
+
+    preset = cfg.preset(model)
     signature = model_signature(cfg, model)
     final = out / FINAL
-    if already_trained(final, signature, cfg.train.steps):
+    require_prepared(cfg, dataset)
+    ckpts = open_checkpoints(cfg, dataset, model, signature)
+    if already_trained(final, signature, cfg.train.steps, ckpts.key):
         return out
+    prepare_outputs(out, ckpts)
 
     tc, gc = cfg.train, cfg.baselines.gan
     device = resolve_device(tc.device, "train.device")
@@ -95,9 +112,7 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
 
     last = out / LAST
     parts = {"model": gnet, "discriminator": dnet, "ema": ema, "optimizer": opt_g, "optimizer_d": opt_d}
-    step, history, state = resume(last, signature, parts, noise_gen)
-    if state is not None:
-        log.info("resuming %s from step %d", last, step)
+    step, history, _ = resume(ckpts, last, signature, parts, noise_gen)
 
     per_step = tc.batch_size * n_critic  # every critic step draws a fresh real batch
     sampler = EpochSampler(len(data), cfg.seed, start=step * per_step)
@@ -122,13 +137,14 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
         }
 
     def checkpoint() -> None:
-        save_checkpoint(last, full_state())
+        ckpts.save(full_state())
         write_history(out / HISTORY, history, GAN_HISTORY_FIELDS)
 
     def finish() -> Path:
-        checkpoint()
-        save_checkpoint(
-            final,
+        save_final(
+            out,
+            ckpts,
+            full_state(),
             {
                 "model": gnet.state_dict(),
                 "ema": ema.module.state_dict(),
@@ -140,6 +156,7 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
                 "scan_backend": "none",
             },
         )
+        write_history(out / HISTORY, history, GAN_HISTORY_FIELDS)
         log.info("trained to step %d: %s", step, final)
         return final
 
@@ -147,9 +164,14 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
         finish()
         return out
 
-    with start_run(cfg, "train", dataset=dataset, model=model, tags={"scan_backend": "none"}) as run:
+    with (
+        start_run(
+            cfg, "train", dataset=dataset, model=model, tags={"scan_backend": "none"}, output=out
+        ) as run,
+        signals.deferred(),  # a signal ends the step in progress
+    ):
         run.log_params(cfg.flat())
-        run.log_params({"device": str(device), "resumed_from_step": step})
+        run.log_params({"device": str(device), "resumed_from_step": step, "run_key": ckpts.key})
         log.info(
             "training %s (%s) on %s: %d steps, device %s", model, preset.gan_loss, dataset, tc.steps, device
         )
@@ -158,45 +180,62 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
         t_last, n_since = time.perf_counter(), 0
         gnet.train()
         dnet.train()
-        while step < tc.steps:
-            for _ in range(n_critic):
-                real = batch_images(next(batches)).to(device).float()
-                if cfg.data.hflip:
-                    real = hflip(real, noise_gen)
-                z = torch.randn(real.shape[0], gc.z_dim, generator=noise_gen).to(device)
-                with torch.no_grad():
-                    fake = gnet(z)
-                loss_d = discriminator_loss(dnet, real, fake, wgan, gc.gp_weight, noise_gen)
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_d.step()
-                n_since += real.shape[0]
-            z = torch.randn(tc.batch_size, gc.z_dim, generator=noise_gen).to(device)
-            loss_g = generator_loss(dnet(gnet(z)), wgan)
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
-            step += 1
-            update_ema(ema, gnet, step, tc.ema_warmup_steps)
-            lg, ld = float(loss_g.detach()), float(loss_d.detach())
-            if not (math.isfinite(lg) and math.isfinite(ld)):
-                raise UserError(
-                    f"{out}: GAN loss is not finite at step {step} (G {lg}, D {ld}); lower "
-                    "baselines.gan.lr in params.yaml, then rerun to resume from the last checkpoint"
-                )
-            bar.update(1)
-            if step % tc.log_every == 0 or step == tc.steps:
-                now = time.perf_counter()
-                ips = n_since / max(now - t_last, 1e-9)
-                t_last, n_since = now, 0
-                row = {"step": step, "loss": lg, "loss_g": lg, "loss_d": ld, "lr": gc.lr, "images_per_s": ips}
-                history.append(row)
-                bar.set_postfix(g=f"{lg:.3f}", d=f"{ld:.3f}")
-                metrics = {k: v for k, v in row.items() if k != "step"}
-                run.log_metrics({**metrics, "peak_rss_mb": cpu_memory.peak_rss_mb()}, step=step)
-            if step % tc.checkpoint_every == 0 and step < tc.steps:
-                checkpoint()
-        bar.close()
+        try:  # the bar closes (its line ends) before an error reaches the CLI's one line
+            while step < tc.steps:
+                for _ in range(n_critic):
+                    real = batch_images(next(batches)).to(device).float()
+                    if cfg.data.hflip:
+                        real = hflip(real, noise_gen)
+                    z = torch.randn(real.shape[0], gc.z_dim, generator=noise_gen).to(device)
+                    with torch.no_grad():
+                        fake = gnet(z)
+                    loss_d = discriminator_loss(dnet, real, fake, wgan, gc.gp_weight, noise_gen)
+                    opt_d.zero_grad(set_to_none=True)
+                    loss_d.backward()
+                    opt_d.step()
+                    n_since += real.shape[0]
+                z = torch.randn(tc.batch_size, gc.z_dim, generator=noise_gen).to(device)
+                loss_g = generator_loss(dnet(gnet(z)), wgan)
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+                step += 1
+                update_ema(ema, gnet, step, tc.ema_warmup_steps)
+                lg, ld = float(loss_g.detach()), float(loss_d.detach())
+                if not (math.isfinite(lg) and math.isfinite(ld)):
+                    raise UserError(
+                        f"{out}: GAN loss is not finite at step {step} (G {lg}, D {ld}); lower "
+                        f"baselines.gan.lr (set in {cfg.origin('baselines.gan.lr')}), then rerun (new knobs "
+                        "train from step 0)"
+                    )
+                bar.update(1)
+                if step % tc.log_every == 0 or step == tc.steps:
+                    now = time.perf_counter()
+                    ips = n_since / max(now - t_last, 1e-9)
+                    t_last, n_since = now, 0
+                    row = {
+                        "step": step,
+                        "loss": lg,
+                        "loss_g": lg,
+                        "loss_d": ld,
+                        "lr": gc.lr,
+                        "images_per_s": ips,
+                    }
+                    history.append(row)
+                    bar.set_postfix(g=f"{lg:.3f}", d=f"{ld:.3f}")
+                    metrics = {k: v for k, v in row.items() if k != "step"}
+                    run.log_metrics({**metrics, "peak_rss_mb": cpu_memory.peak_rss_mb()}, step=step)
+                if step % tc.checkpoint_every == 0 and step < tc.steps:
+                    checkpoint()
+                if (sig := signals.stop_requested()) is not None:
+                    if step % tc.checkpoint_every and step < tc.steps:
+                        checkpoint()
+                    log.warning(
+                        "stopped by %s at step %d; checkpoint written", signal.Signals(sig).name, step
+                    )
+                    raise signals.Interrupted(sig)
+        finally:
+            bar.close()
         path = finish()
         close_run(run, out, path)
     return out

@@ -1,10 +1,12 @@
 """`vmddpm prepare`: a dataset's raw tree -> uint8 PNG slices + `manifest.csv` with subject-level splits.
 
 The output folder (`data/prepared/<dataset>/`, manifest columns in `vmddpm.contracts`) is built beside
-its final name and swapped in with `prepare.json`, the fingerprint of every input and knob: a second run
-with the same inputs is a no-op; an interrupted run leaves the previous output (or nothing) and a rerun
-completes; a bad input raises a one-line UserError and leaves finished outputs untouched. The pieces are
-`vmddpm.data.prepare` and the dataset readers.
+its final name (in a temporary folder of this process's own) and swapped in with `prepare.json`, the
+fingerprint of every input and knob (the raw tree by its files: names and sizes, and for a placed
+`raw_dir` also modification times): a second run with the same inputs is a no-op; an interrupted run
+leaves the previous output (or nothing) and a rerun completes; a bad input raises a one-line UserError
+and leaves finished outputs untouched. One process per output (`.<dataset>.lock` beside it). The pieces
+are `vmddpm.data.prepare` and the dataset readers.
 """
 
 from __future__ import annotations
@@ -29,8 +31,13 @@ log = logging.getLogger(__name__)
 def prepare_dataset(cfg: Config, dataset: str) -> Path:
     """`vmddpm prepare --dataset D`: write `cfg.prepared_dir(D)`; returns it."""
     cfg.dataset(dataset)
-    root = raw_tree(cfg, dataset)
     out = cfg.prepared_dir(dataset)
+    with io.output_lock(out, "prepare"):  # one process per output
+        return _prepare(cfg, dataset, out)
+
+
+def _prepare(cfg: Config, dataset: str, out: Path) -> Path:
+    root = raw_tree(cfg, dataset)
     fp = fingerprint(cfg, dataset, root)
     done = out / DONE
     if done.is_file() and (out / MANIFEST).is_file():
@@ -42,6 +49,7 @@ def prepare_dataset(cfg: Config, dataset: str) -> Path:
             log.info("%s: already prepared in %s (same raw data and knobs)", dataset, out)
             return out
 
+    io.ensure_writable(out.parent)  # before reading a single volume
     mod = reader(dataset)
     subjects = mod.subjects(root, cfg)
     limit = cfg.dataset(dataset).max_subjects

@@ -23,7 +23,14 @@ SAMPLES_PER_ROW = 8
 
 
 def report(cfg: Config) -> Path:
-    """Tables (CSV + Markdown), summary.json and figures; returns the tables folder."""
+    """Tables (CSV + Markdown), summary.json and figures; returns the tables folder. One process at a
+    time (`results/.tables.lock`); the folders are checked writable before anything is read."""
+    with vio.output_lock(cfg.results_dir("tables"), "report"):
+        vio.ensure_writable(cfg.results_dir("tables"), cfg.results_dir("figures"))
+        return _report(cfg)
+
+
+def _report(cfg: Config) -> Path:
     reference = inputs.read_reference(cfg)
     metrics, missing = inputs.read_metrics(cfg)
     out, figs = cfg.results_dir("tables"), cfg.results_dir("figures")

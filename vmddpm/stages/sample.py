@@ -8,7 +8,11 @@ Outputs (default `out` = `cfg.samples_dir(dataset, model)` = `runs/<dataset>/<mo
 - `<out>_grid.png` beside the folder (`runs/<dataset>/<model>/samples_grid.png`): a grid of the first
   up to 64 images, for eyes and MLflow.
 - `<out>_meta.json` beside the folder: how the images were drawn (sampler, steps, eta, seed, EMA,
-  checkpoint step); a rerun with different settings refuses to mix images and says what to delete.
+  checkpoint step, the sha256 of the `model.pt` they came from); a rerun with different settings refuses
+  to mix images and says what to delete; new weights (a retrained model) draw every image again.
+
+One process per output: the stage holds `.<out>.lock` beside the folder; a second `vmddpm sample` of
+the same folder stops at once, naming the first one's pid.
 
 Image i is drawn from seed `sample.seed * 1_000_003 + i` alone, so a killed run resumes by generating
 only the missing files (`vmddpm.generation`). Every family goes through the same code: diffusion presets
@@ -21,7 +25,9 @@ import logging
 from pathlib import Path
 
 from vmddpm.config import Config
+from vmddpm.contracts import samples_meta_path
 from vmddpm.generation import draw, plan
+from vmddpm.io import ensure_writable, output_lock
 from vmddpm.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -32,13 +38,26 @@ def sample(cfg: Config, dataset: str, model: str, out: Path | None = None) -> Pa
     cfg.preset(model)
     cfg.dataset(dataset)
     out = Path(out) if out is not None else cfg.samples_dir(dataset, model)
+    with output_lock(out, "sample"):
+        ensure_writable(out, samples_meta_path(out).parent)
+        return _sample(cfg, dataset, model, out)
+
+
+def _sample(cfg: Config, dataset: str, model: str, out: Path) -> Path:
     p = plan(cfg, dataset, model, out)
     n = len(p.files)
     log.info("sampling %s/%s: %d images, %d missing, into %s", dataset, model, n, len(p.missing), out)
     tags = {"scan_backend": p.gen.scan_backend}
-    with start_run(cfg, "sample", dataset=dataset, model=model, tags=tags) as run:
+    with start_run(cfg, "sample", dataset=dataset, model=model, tags=tags, output=out) as run:
         run.log_params(cfg.flat())
-        run.log_params({"n_images": n, "out": str(out), "checkpoint_step": p.gen.checkpoint_step})
+        run.log_params(
+            {
+                "n_images": n,
+                "out": str(out),
+                "checkpoint_step": p.gen.checkpoint_step,
+                "model_sha256": p.gen.model_sha256,
+            }
+        )
         secs = draw(p, cfg.sample.seed, cfg.sample.batch_size, desc=f"sample {dataset}/{model}")
         run.log_metrics(
             {

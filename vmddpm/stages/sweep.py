@@ -10,6 +10,9 @@ images.
 A GAN has no sampling steps: its sweep file says so (`applicable: false`, no rows) instead of failing, so
 the sweep runs over the whole model matrix in Snakemake and DVC. An empty `eval.ddim_steps_sweep` turns
 the sweep off the same way (no sampling at all).
+
+ddim_sweep.json records the sha256 of the `model.pt` its samples came from; step folders drawn from
+other weights are drawn again (`vmddpm.generation.plan`). One process per output (`.ddim_sweep.lock`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from vmddpm.config import Config
 from vmddpm.contracts import comparable, label
 from vmddpm.evalkit import check_kid_size, load_extractor, reference_features, reference_set, reference_tag
 from vmddpm.generation import draw, plan
+from vmddpm.io import ensure_writable, output_lock
 from vmddpm.metrics.features import extract_features
 from vmddpm.metrics.fid import frechet_distance
 from vmddpm.metrics.images import load_folder
@@ -34,8 +38,15 @@ log = logging.getLogger(__name__)
 def sweep(cfg: Config, dataset: str, model: str) -> Path:
     """Sample and evaluate `model` on `dataset` at each `eval.ddim_steps_sweep` step count; returns the
     path of ddim_sweep.json."""
-    preset = cfg.preset(model)
+    cfg.preset(model)
     cfg.dataset(dataset)
+    with output_lock(cfg.sweep_dir(dataset, model), "sweep"):
+        ensure_writable(cfg.sweep_dir(dataset, model), cfg.sweep_path(dataset, model).parent)
+        return _sweep(cfg, dataset, model)
+
+
+def _sweep(cfg: Config, dataset: str, model: str) -> Path:
+    preset = cfg.preset(model)
     path = cfg.sweep_path(dataset, model)
     doc: dict[str, Any] = {
         "dataset": dataset,
@@ -61,12 +72,13 @@ def sweep(cfg: Config, dataset: str, model: str) -> Path:
     ex = load_extractor(cfg)
     ref = reference_features(cfg, real, ex, reference_tag(cfg, dataset))
     rows = []
-    with start_run(cfg, "sweep", dataset=dataset, model=model) as run:
+    with start_run(cfg, "sweep", dataset=dataset, model=model, output=cfg.sweep_dir(dataset, model)) as run:
         run.log_params(cfg.flat())
         for k in cfg.eval.ddim_steps_sweep:
             sub = cfg.with_sample(sampler="ddim", steps=k)
             folder = cfg.sweep_dir(dataset, model) / f"steps_{k}"
             p = plan(sub, dataset, model, folder)
+            doc["model_sha256"] = p.gen.model_sha256
             draw(p, sub.sample.seed, sub.sample.batch_size, desc=f"sweep {dataset}/{model} DDIM-{k}")
             fake = load_folder(folder, f"generated (DDIM {k} steps)", limit=cfg.eval.n_fake or len(real))
             check_kid_size(cfg, (fake,))

@@ -4,16 +4,25 @@ diffusion model, resumably. (The gan family trains in `vmddpm.stages.gan`; `vmdd
 Files in `cfg.train_dir(dataset, model)` (= `runs/<dataset>/<model>/train/`, the declared output of the
 train stage as a whole folder; names in `vmddpm.contracts`):
 
-- `last.pt`     full training state, rewritten atomically every `train.checkpoint_every` steps and at
-                the end: {model, ema, optimizer, scaler, lr_scheduler, step, rng (python/numpy/torch/
-                cuda), noise_rng (per rank), sampler (seed/epoch/offset), config (resolved), signature,
-                version, scan_backend, history}. `vmddpm train` resumes from it automatically.
+- `last.pt`     full training state at the end: {model, ema, optimizer, scaler, lr_scheduler, step, rng
+                (python/numpy/torch/cuda), noise_rng (per rank), sampler (seed/epoch/offset), config
+                (resolved), signature, version, scan_backend, history, run_key, knobs}.
 - `model.pt`    written once at the end: {model, ema, step, signature, config, version, scan_backend,
                 rank_hashes}. The sample stage reads its `ema` (or `model`) weights. When it exists and
                 its step >= `train.steps`, re-running `vmddpm train` is a no-op.
 - `history.csv` step, loss, lr, images_per_s every `train.log_every` steps (rewritten at each checkpoint,
-                so it always matches `last.pt`).
+                so it always matches the newest checkpoint).
 - `grids/step_XXXXXXXX.png` EMA sample grids every `train.sample_every` steps (0 = never).
+
+Beside it, `checkpoints/<run key>/step_XXXXXXXX.pt` (`vmddpm.trainkit.Checkpoints`): the same full state
+every `train.checkpoint_every` steps, at a SIGINT/SIGTERM and at the end, the last
+`train.keep_checkpoints` kept. Neither Snakemake nor DVC deletes it (it is not a declared output), so
+any rerun, by hand or by either tool, resumes from the newest one that loads whose knobs match; changed
+knobs train from step 0 beside it (a warning names them).
+
+One process per output: the run holds `runs/<dataset>/<model>/.train.lock`; a second `vmddpm train` of
+the same model stops at once, naming the first one's pid. SIGINT or SIGTERM (Ctrl-C, `kill`, a SLURM
+time limit) ends the step in progress, writes its checkpoint, closes the MLflow run as KILLED and exits.
 
 Design choices:
 - determinism: model init from `seed`; the diffusion noise, the timesteps and the hflip augmentation
@@ -35,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -48,11 +58,11 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from vmddpm import __version__, cpu_memory
+from vmddpm import __version__, cpu_memory, signals
 from vmddpm.config import Config
-from vmddpm.contracts import FINAL, HISTORY, LAST, image_seed
+from vmddpm.contracts import FINAL, HISTORY, image_seed
 from vmddpm.errors import UserError
-from vmddpm.io import write_png_grid
+from vmddpm.io import output_lock, write_png_grid
 from vmddpm.runtime import (
     explain_scan_backend,
     is_out_of_memory,
@@ -64,6 +74,7 @@ from vmddpm.runtime import (
 )
 from vmddpm.tracking import NullRun, start_run
 from vmddpm.trainkit import (
+    Checkpoints,
     EpochSampler,
     adam,
     already_trained,
@@ -74,8 +85,11 @@ from vmddpm.trainkit import (
     load_training_split,
     make_ema,
     make_loader,
+    open_checkpoints,
+    prepare_outputs,
+    require_prepared,
     resume,
-    save_checkpoint,
+    save_final,
     update_ema,
     write_history,
 )
@@ -84,7 +98,8 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: Config, dataset: str, model: str) -> Path:
-    """Train diffusion preset `model` on `dataset` (resuming from `last.pt`); returns the train folder."""
+    """Train diffusion preset `model` on `dataset` (resuming from the newest good checkpoint of this
+    configuration); returns the train folder."""
     preset = cfg.preset(model)
     cfg.dataset(dataset)
     if preset.family == "gan":
@@ -92,15 +107,25 @@ def train(cfg: Config, dataset: str, model: str) -> Path:
             f"{cfg.source}: presets.{model} is a gan model: `vmddpm train` trains it with the gan stage "
             "(vmddpm.stages.gan.train_gan)"
         )
+    out = cfg.train_dir(dataset, model)
+    rank = int(os.environ.get("RANK", "0"))
+    with output_lock(out, "train") if rank == 0 else nullcontext():  # one process per output
+        return _train_locked(cfg, dataset, model, out, rank)
+
+
+def _train_locked(cfg: Config, dataset: str, model: str, out: Path, rank: int) -> Path:
     from vmddpm.nn.registry import model_signature
 
-    out = cfg.train_dir(dataset, model)
+    preset = cfg.preset(model)
     signature = model_signature(cfg, model)
-    if already_trained(out / FINAL, signature, cfg.train.steps):
+    require_prepared(cfg, dataset)  # a missing prepared set is named before anything is written
+    ckpts = open_checkpoints(cfg, dataset, model, signature)
+    if already_trained(out / FINAL, signature, cfg.train.steps, ckpts.key):
         return out
+    if rank == 0:
+        prepare_outputs(out, ckpts)  # read-only, full or blocked places fail now, not at a checkpoint
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     device = resolve_device(cfg.train.device, "train.device")
     distributed = world > 1
     if distributed and not dist.is_initialized():
@@ -109,7 +134,7 @@ def train(cfg: Config, dataset: str, model: str) -> Path:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     trainer = None
     try:
-        trainer = Trainer.start(cfg, dataset, model, out, signature, device, rank, world)
+        trainer = Trainer.start(cfg, dataset, model, out, signature, ckpts, device, rank, world)
         return trainer.run()
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
@@ -139,6 +164,7 @@ class Trainer:
     model: str
     out: Path
     signature: dict[str, Any]
+    ckpts: Checkpoints
     device: torch.device
     rank: int
     world: int
@@ -182,11 +208,13 @@ class Trainer:
         model: str,
         out: Path,
         signature: dict[str, Any],
+        ckpts: Checkpoints,
         device: torch.device,
         rank: int,
         world: int,
     ) -> Trainer:
-        """Build the networks and optimiser from `seed`, then resume from `last.pt` when it exists."""
+        """Build the networks and optimiser from `seed`, then resume from the newest good checkpoint of
+        this configuration when there is one."""
         from vmddpm.diffusion import Diffusion
         from vmddpm.nn.registry import build_model
 
@@ -204,6 +232,7 @@ class Trainer:
             model=model,
             out=out,
             signature=signature,
+            ckpts=ckpts,
             device=device,
             rank=rank,
             world=world,
@@ -233,7 +262,7 @@ class Trainer:
         return t
 
     def _resume(self) -> None:
-        last = self.out / LAST
+        last = self.out / "last.pt"
         parts = {
             "model": self.net,
             "ema": self.ema,
@@ -241,19 +270,19 @@ class Trainer:
             "lr_scheduler": self.sched,
             "scaler": self.scaler,
         }
-        self.step, self.history, state = resume(last, self.signature, parts, self.noise_gen, self.rank)
+        self.step, self.history, state = resume(
+            self.ckpts, last, self.signature, parts, self.noise_gen, self.rank
+        )
         if state is None:
             torch.manual_seed(self.cfg.seed + self.rank)  # per-rank dropout stream
             return
         if state["sampler"]["world"] != self.world and self.main:
             log.warning(
                 "%s: resumed with %d ranks, written with %d; data order differs",
-                last,
+                self.ckpts.folder,
                 self.world,
                 state["sampler"]["world"],
             )
-        if self.main:
-            log.info("resuming %s from step %d", last, self.step)
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -264,7 +293,12 @@ class Trainer:
             return self.out
         run_cm = (
             start_run(
-                cfg, "train", dataset=self.dataset, model=self.model, tags={"scan_backend": self.backend}
+                cfg,
+                "train",
+                dataset=self.dataset,
+                model=self.model,
+                tags={"scan_backend": self.backend},
+                output=self.out,
             )
             if self.main
             else nullcontext(NullRun())
@@ -273,7 +307,12 @@ class Trainer:
             if self.main:
                 run.log_params(cfg.flat())
                 run.log_params(
-                    {"world_size": self.world, "device": str(self.device), "resumed_from_step": self.step}
+                    {
+                        "world_size": self.world,
+                        "device": str(self.device),
+                        "resumed_from_step": self.step,
+                        "run_key": self.ckpts.key,
+                    }
                 )
                 log.info(
                     "training %s on %s: %d steps, device %s, %d rank(s), scan backend %s",
@@ -294,20 +333,42 @@ class Trainer:
             )
             meter = _Throughput()
             self.net.train()
-            while self.step < tc.steps:
-                loss, lr = self.optimise(batches, meter)
-                bar.update(1)
-                if self.step % tc.log_every == 0 or self.step == tc.steps:
-                    self.log_step(run, bar, loss, lr, meter)
-                if tc.sample_every and self.step % tc.sample_every == 0 and self.main:
-                    run.log_artifact(self.sample_grid(), "grids")
-                if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
-                    self.checkpoint()
-            bar.close()
+            # the bar closes (its line ends) before an error reaches the CLI's one line; a signal ends
+            # the step in progress, never a numba kernel
+            with bar, signals.deferred():
+                while self.step < tc.steps:
+                    try:
+                        loss, lr = self.optimise(batches, meter)
+                    except RuntimeError:  # e.g. a DataLoader worker that the same Ctrl-C ended
+                        if self._stop_signal():
+                            raise signals.Interrupted(self._stop_signal() or 2) from None
+                        raise
+                    bar.update(1)
+                    if self.step % tc.log_every == 0 or self.step == tc.steps:
+                        self.log_step(run, bar, loss, lr, meter)
+                    if tc.sample_every and self.step % tc.sample_every == 0 and self.main:
+                        run.log_artifact(self.sample_grid(), "grids")
+                    if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
+                        self.checkpoint()
+                    if (sig := self._stop_signal()) is not None:
+                        if self.step % tc.checkpoint_every and self.step < tc.steps:
+                            self.checkpoint()
+                        if self.main:
+                            log.warning("stopped by %s at step %d; checkpoint written", sig.name, self.step)
+                        raise signals.Interrupted(sig)
             path = self.finish()
             if self.main:
                 close_run(run, self.out, path)
         return self.out
+
+    def _stop_signal(self) -> Any:
+        """The pending SIGINT/SIGTERM, agreed over ranks (any rank's signal stops all at the same step)."""
+        sig = signals.stop_requested()
+        if self.distributed:
+            t = torch.tensor([sig or 0], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            sig = int(t) or None
+        return signal.Signals(sig) if sig else None
 
     def optimise(self, batches: Iterator[Any], meter: _Throughput) -> tuple[float, float]:
         """One optimiser step over `train.grad_accum` micro-batches; returns (mean loss, lr used)."""
@@ -328,8 +389,8 @@ class Trainer:
             meter.n += x0.shape[0] * self.world
         if not math.isfinite(loss_sum) and not self.scaler.is_enabled():  # fp16: the scaler skips the step
             raise UserError(
-                f"{self.out}: loss is {loss_sum} at step {self.step}; lower train.lr or check the data, then "
-                "rerun to resume from the last checkpoint"
+                f"{self.out}: loss is {loss_sum} at step {self.step}; lower train.lr (set in "
+                f"{self.cfg.origin('train.lr')}) or check the data, then rerun (new knobs train from step 0)"
             )
         self.scaler.unscale_(self.opt)
         if tc.grad_clip > 0:
@@ -397,19 +458,21 @@ class Trainer:
         }
 
     def checkpoint(self) -> Path:
+        """The full state as the store's checkpoint of this step (the newest `keep_checkpoints` kept)."""
         state = self.full_state()
+        path = self.ckpts.folder
         if self.main:
-            save_checkpoint(self.out / LAST, state)
+            path = self.ckpts.save(state)
             write_history(self.out / HISTORY, self.history)
-            log.debug("checkpoint at step %d", self.step)
+            log.debug("checkpoint at step %d: %s", self.step, path)
         if self.distributed:
             dist.barrier()
-        return self.out / LAST
+        return path
 
     def finish(self) -> Path:
-        """Final full checkpoint plus `model.pt`; under DDP also checks that every rank holds the same
-        weights."""
-        self.checkpoint()
+        """Final full checkpoint (store and `last.pt`) plus `model.pt`; under DDP also checks that every
+        rank holds the same weights."""
+        full = self.full_state()
         digest = state_hash(self.net.state_dict())
         hashes: list[Any] = [digest]
         if self.distributed:
@@ -428,7 +491,8 @@ class Trainer:
                 "scan_backend": self.backend,
                 "rank_hashes": hashes,
             }
-            save_checkpoint(self.out / FINAL, final)
+            save_final(self.out, self.ckpts, full, final)
+            write_history(self.out / HISTORY, self.history)
             log.info("trained to step %d: %s", self.step, self.out / FINAL)
         if self.distributed:
             dist.barrier()

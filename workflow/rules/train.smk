@@ -1,3 +1,7 @@
+# The train folder is the rule's output. Snakemake deletes it before the job runs and after it fails, so
+# the step checkpoints a rerun resumes from live beside it, in runs/<dataset>/<model>/checkpoints/
+# (vmddpm.trainkit), which no rule declares: a job ended by Ctrl-C, a crash or a SLURM time limit is
+# resumed by the next `snakemake` (with --rerun-incomplete, as both profiles set) from its last step.
 rule train:
     input:
         lambda w: prepared(w.dataset),
