@@ -30,7 +30,7 @@ browser:
 	    $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 demo: $(STAMP)
-	$(BIN)/snakemake --cores all
+	$(BIN)/snakemake
 
 # Copy the last pipeline run's tables and figures into the committed snapshot (results/demo/). The
 # pipeline never writes there: committed outputs at the pipeline's own paths would look up to date to
