@@ -198,5 +198,5 @@ def train_gan(cfg: Config, dataset: str, model: str) -> Path:
                 checkpoint()
         bar.close()
         path = finish()
-        close_run(run, out, path)
+        close_run(run, cfg, dataset, model, path, ema.module)
     return out

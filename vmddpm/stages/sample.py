@@ -18,11 +18,12 @@ use EMA weights by default (`sample.use_ema`), GAN presets their (EMA) generator
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from vmddpm.config import Config
 from vmddpm.generation import draw, plan
-from vmddpm.tracking import start_run
+from vmddpm.tracking import start_run, train_run_id
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,11 @@ def sample(cfg: Config, dataset: str, model: str, out: Path | None = None) -> Pa
     n = len(p.files)
     log.info("sampling %s/%s: %d images, %d missing, into %s", dataset, model, n, len(p.missing), out)
     tags = {"scan_backend": p.gen.scan_backend}
-    with start_run(cfg, "sample", dataset=dataset, model=model, tags=tags) as run:
+    parent = train_run_id(cfg, dataset, model)
+    with start_run(cfg, "sample", dataset=dataset, model=model, tags=tags, parent=parent) as run:
         run.log_params(cfg.flat())
-        run.log_params({"n_images": n, "out": str(out), "checkpoint_step": p.gen.checkpoint_step})
+        where = os.path.relpath(out, cfg.root)
+        run.log_params({"n_images": n, "out": where, "checkpoint_step": p.gen.checkpoint_step})
         secs = draw(p, cfg.sample.seed, cfg.sample.batch_size, desc=f"sample {dataset}/{model}")
         run.log_metrics(
             {

@@ -306,7 +306,7 @@ class Trainer:
             bar.close()
             path = self.finish()
             if self.main:
-                close_run(run, self.out, path)
+                close_run(run, cfg, self.dataset, self.model, path, self.ema.module)
         return self.out
 
     def optimise(self, batches: Iterator[Any], meter: _Throughput) -> tuple[float, float]:
