@@ -171,6 +171,8 @@ def test_dvc_repro_on_fresh_copy_gives_the_same_outputs(done: Path, tmp_path: Pa
     b = {p for p in files_under(done, *tops) if not any(i in p for i in ignore)}
     assert a == b, f"only from dvc repro: {sorted(a - b)[:20]}; only from snakemake: {sorted(b - a)[:20]}"
     assert "up to date" in wf.run("dvc", "status", cwd=repo).stdout.lower()
+    # DVC's last stage told Snakemake what ran: a DVC-only run leaves Snakemake nothing to do either
+    assert wf.dry_run_jobs(repo) == {}
 
 
 def test_report_renders_each_table_with_its_caption_in_a_browser(done: Path, tmp_path: Path) -> None:
