@@ -39,7 +39,7 @@ slurm:
 	    $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq slurm-wlm munge >/dev/null; }
 
 demo: $(STAMP)
-	$(BIN)/snakemake --cores all
+	$(BIN)/snakemake
 
 # Copy the last pipeline run's tables and figures into the committed snapshot (results/demo/). The
 # pipeline never writes there: committed outputs at the pipeline's own paths would look up to date to

@@ -149,3 +149,52 @@ def test_options_before_and_after_subcommand_combine(cli) -> None:
     )
     doc = json.loads(both.stdout)
     assert doc["train"]["steps"] == 4 and doc["train"]["lr"] == 1.0
+
+
+def test_mistyped_subcommand_gets_did_you_mean(cli, tmp_path: Path) -> None:
+    proc = cli("trian", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith("invalid choice: 'trian'; did you mean train?")
+    proc = cli("config", "shwo", cwd=tmp_path, check=False)
+    assert "did you mean show?" in proc.stderr
+    proc = cli("reader-study", "mkae", cwd=tmp_path, check=False)
+    assert "did you mean make?" in proc.stderr
+
+
+def test_suggested_command_keeps_the_users_flags(cli, tmp_path: Path) -> None:
+    """An error that suggests a next command repeats --params/--scale/--set, so it runs against the same
+    configuration (here: sampling before preparing, at paper scale)."""
+    p = _params(tmp_path)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    proc = cli(
+        "--scale", "paper", "sample", "--dataset", "acdc", "--model", "vmddpm",
+        "--params", str(p), "--set", "sample.steps=50", cwd=other, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert f"`vmddpm --params {p} --scale paper --set sample.steps=50 prepare --dataset acdc`" in line, line
+
+
+def test_config_dvc_writes_and_checks_dvc_yaml(cli, tmp_path: Path) -> None:
+    """dvc.yaml is generated from params.yaml: --check passes on the repository, fails (exit 2, one line
+    naming the fix) once the matrix changes, and --write repairs it."""
+    assert cli("config", "dvc", "--check", cwd=ROOT).returncode == 0
+    p = _params(tmp_path)
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    assert cli("config", "dvc", "--check", "--params", str(p), cwd=tmp_path).returncode == 0
+    doc = yaml.safe_load(p.read_text())
+    doc["models"] = ["vmddpm", "dcgan"]
+    p.write_text(yaml.safe_dump(doc))
+    proc = cli("config", "dvc", "--check", "--params", str(p), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "config dvc --write`" in proc.stderr
+    # a stage run by DVC (DVC sets DVC_STAGE) stops on the stale file before doing anything
+    proc = cli(
+        "download", "--dataset", "acdc", "--params", str(p), cwd=tmp_path, check=False,
+        env={"DVC_STAGE": "download@acdc"},
+    )  # fmt: skip
+    assert proc.returncode == 2 and "dvc.yaml: out of date" in proc.stderr
+    cli("config", "dvc", "--write", "--params", str(p), cwd=tmp_path)
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert "train-dcgan" in stages and "train-vmddpm" in stages and "train-unet_attn" not in stages
+    assert stages["sample-gan"]["matrix"]["model"] == ["dcgan"]

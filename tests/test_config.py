@@ -17,7 +17,7 @@ from vmddpm.config import (
     deep_merge,
     load_config,
 )
-from vmddpm.pipeline import SCHEMA_FILE, STAGE_PARAMS, dvc_params, schema_yaml, stage_params
+from vmddpm.pipeline import SCHEMA_FILE, STAGE_PARAMS, dvc_yaml_for, schema_yaml, stage_keys, stage_params
 
 from .conftest import ROOT
 
@@ -209,15 +209,58 @@ def test_json_schema_accepts_the_repo_params_and_rejects_what_the_models_reject(
         assert list(validator.iter_errors(bad)), edit
 
 
-def test_dvc_yaml_params_are_the_stage_params() -> None:
-    """dvc.yaml lists, per stage, exactly what vmddpm.pipeline.STAGE_PARAMS says the stage reads."""
-    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+def test_dvc_yaml_is_generated_from_params_yaml() -> None:
+    """dvc.yaml is `vmddpm config dvc`, byte for byte (a stale file would list the wrong params)."""
+    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml_for(ROOT / "params.yaml"), (
+        "regenerate: vmddpm config dvc --write"
+    )
+
+
+def test_every_dvc_job_lists_exactly_the_keys_its_snakemake_job_reads() -> None:
+    """DVC's own view of dvc.yaml (templates resolved): each job's params are `scale`, the keys
+    STAGE_PARAMS gives the same Snakemake job, and the `scales.demo` overlay of their groups."""
+    from dvc.repo import Repo
+
+    cfg = load_config(ROOT / "params.yaml")
     overlay = yaml.safe_load((ROOT / "params.yaml").read_text())["scales"]["demo"]
-    assert set(dvc) == set(STAGE_PARAMS)
-    for stage, spec in dvc.items():
-        foreach = "foreach" in spec
-        listed = (spec["do"] if foreach else spec)["params"]
-        assert listed == dvc_params(stage, overlay, foreach=foreach), stage
+    seen = set()
+    with Repo(str(ROOT)) as repo:
+        for st in repo.index.stages:
+            args = st.cmd.split()
+            ds = args[args.index("--dataset") + 1] if "--dataset" in args else None
+            model = args[args.index("--model") + 1] if "--model" in args else None
+            stage = args[1]
+            listed = [k for p in st.deps if hasattr(p, "params") and p.params for k in p.params]
+            if st.name == "snakemake-sync":
+                assert "cpu_memory" not in listed and "tracking" not in listed and "model" in listed
+                continue
+            keys = stage_keys(cfg, stage, ds, model)
+            groups = dict.fromkeys(k.split(".")[0] for k in keys)
+            assert listed == ["scale", *keys, *(f"scales.demo.{g}" for g in groups if g in overlay)], st.name
+            seen.add((stage, ds, model))
+    pairs = {(d, m) for d in cfg.datasets for m in cfg.models}
+    for stage in ("train", "sample", "sweep", "evaluate"):
+        assert {(d, m) for s, d, m in seen if s == stage} == pairs, stage
+
+
+def test_a_preset_reads_only_what_it_does_not_override() -> None:
+    """So one knob reruns only what it changes: `model.sr` is read by the presets that take it from
+    `model:`, never by the SR ablations that set their own, nor by another family."""
+    cfg = load_config(ROOT / "params.yaml")
+    readers = {m for m in cfg.presets if "model.sr" in stage_keys(cfg, "train", "acdc", m)}
+    assert readers == {
+        "vmddpm",
+        "vmddpm_single_level",
+        "vmddpm_cnn_only",
+        "vmddpm_ssm_only",
+        "vmddpm_attention",
+    }
+    assert not any(k.startswith("model") for k in stage_keys(cfg, "train", "acdc", "unet_attn"))
+    gan = stage_keys(cfg, "train", "acdc", "dcgan")
+    assert "diffusion" not in gan and "train.lr" not in gan and "baselines.gan" in gan
+    assert "diffusion" not in stage_keys(cfg, "sample", "acdc", "dcgan")
+    assert "sample.steps" not in stage_keys(cfg, "sweep", "acdc", "vmddpm")  # the sweep sets its own
+    assert "eval.ddim_steps_sweep" not in stage_keys(cfg, "evaluate", "acdc", "vmddpm")
 
 
 def test_stage_params_resolve_for_every_job() -> None:
@@ -225,7 +268,9 @@ def test_stage_params_resolve_for_every_job() -> None:
     assert stage_params(cfg, "train", "acdc", "dcgan")["baselines.gan"] == dataclasses.asdict(
         cfg.baselines.gan
     )
-    assert "model" in stage_params(cfg, "train", "acdc", "vmddpm")
+    assert stage_params(cfg, "train", "acdc", "vmddpm")["model.sr"] == cfg.model.sr
+    assert "model.sr" not in stage_params(cfg, "train", "acdc", "vmddpm_csm")
+    assert stage_params(cfg, "train", "acdc", "vmddpm_csm")["presets.vmddpm_csm"]["model"] == {"sr": "none"}
     assert stage_params(cfg, "download", "acdc")["data.acdc"]["source"] == "phantom"
     for stage in STAGE_PARAMS:
         for model in cfg.models:

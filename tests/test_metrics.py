@@ -320,9 +320,15 @@ def test_evaluate_writes_every_protocol_field(make_cfg, tmp_path, cli):
     (samples.parent / "samples_meta.json").write_text(json.dumps(meta))
     out = E.evaluate(cfg, "acdc", "vmddpm")
     assert out == cfg.metrics_path("acdc", "vmddpm")
-    m = json.loads(out.read_text())
-    missing = [k for k in C.METRICS_FIELDS if k not in m]
-    assert not missing
+    # metrics.json: numbers only (what DVC and pandas read); protocol.json beside it: how they were made
+    numbers = json.loads(out.read_text())
+    assert set(numbers) == set(C.METRICS_FIELDS)
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values())
+    protocol = json.loads(cfg.protocol_path("acdc", "vmddpm").read_text())
+    assert not set(protocol) & set(numbers) and set(C.PROTOCOL_FIELDS) <= set(protocol)
+    assert protocol["samples_dir"] == "runs/acdc/vmddpm/samples"  # relative to the project
+    assert protocol["samples_meta"] == "runs/acdc/vmddpm/samples_meta.json"
+    m = C.read_record(out)
     assert m["n_real"] == 20 and m["n_fake"] == 12  # eval.n_fake picks the first 12 (sorted)
     assert m["memorised_count"] == 2
     assert m["extractor"] == "random-inception" and m["comparable_to_paper"] is False

@@ -186,7 +186,7 @@ def test_report_tables_from_a_fixed_set_of_metrics(state, caplog):
         and acdc["fid_minus_paper"] == ""
         and acdc["comparable_to_paper"] == "False"
     )
-    assert float(acdc["fid_paper"]) == 34.525  # the paper's own number, for reference
+    assert acdc["fid_paper"] == "" and acdc["paper_source"] == ""  # no paper number in a demo row
     assert all(
         r["label"] == C.DEMO_LABEL for r in rows if r["dataset"] != "chestxray" and r["label"] != T.NOT_RUN
     )
@@ -197,6 +197,18 @@ def test_report_tables_from_a_fixed_set_of_metrics(state, caplog):
     md = (tables / "main.md").read_text()
     assert C.DEMO_LABEL.upper() in md and C.DEMO_LABEL in md and T.NOT_RUN in md
     assert "| 1 | vmddpm | 12.25 | 11.78 |" in md
+    acdc_md = md.split("## acdc\n", 1)[1].split("\n## ", 1)[0]
+    assert "34.52" not in acdc_md and "| 1 | vmddpm | 36.25 |  |  |" in acdc_md  # demo: no paper number
+    assert "acdc vmddpm: FID 34.525 (arXiv:2405.05667)" in md  # listed apart, for reference
+    assert "docs/paper.md" in md and "PAPER.md" not in md
+    assert (ROOT / "docs" / "paper.md").is_file()
+    # the HTML twin: one captioned table per dataset, the same cells
+    page = (tables / "main.html").read_text()
+    assert page.count("<table") == len(cfg.datasets) and page.count("<caption>") == len(cfg.datasets)
+    assert "<caption>acdc: FID per model, ranked (lower is better) — demo" in page
+    assert "<td>36.25</td>" in page
+    abl_page = (tables / "ablation.html").read_text()
+    assert abl_page.count("<caption>") == 1 and "vmddpm_csm" in abl_page
 
     abl = read_csv(tables / "ablation.csv")
     vm = [m for m in cfg.models if cfg.preset(m).family == "vmunet"]
@@ -208,12 +220,20 @@ def test_report_tables_from_a_fixed_set_of_metrics(state, caplog):
     assert ssm["label"] == T.NOT_RUN and ssm["fid"] == ""
     assert "vmddpm_csm | sr=none |" in (tables / "ablation.md").read_text()
 
+    # summary.json (DVC metrics) holds numbers only; what they mean is in claims.json
     summary = json.loads((tables / "summary.json").read_text())
-    assert summary["comparable_to_paper"] is False and summary["label"] == C.DEMO_LABEL
-    assert sorted(summary["not_run"]) == sorted(f"{d}/{m}" for d, m in MISSING)
-    assert summary["fid"]["acdc"]["vmddpm"]["fid"] == pytest.approx(fake_fid("acdc", "vmddpm"))
+
+    def leaves(node):
+        return [x for v in node.values() for x in (leaves(v) if isinstance(v, dict) else [v])]
+
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in leaves(summary))
+    assert summary["fid"]["acdc"]["vmddpm"] == pytest.approx(fake_fid("acdc", "vmddpm"))
+    assert summary["kid"]["acdc"]["vmddpm"] == pytest.approx(0.01)
     assert summary["n_runs"] == len(written)
-    assert summary["claims"]["C3"].startswith("chestxray: yes")
+    claims = json.loads((tables / "claims.json").read_text())
+    assert claims["comparable_to_paper"] is False and claims["label"] == C.DEMO_LABEL
+    assert sorted(claims["not_run"]) == sorted(f"{d}/{m}" for d, m in MISSING)
+    assert claims["claims"]["C3"].startswith("chestxray: yes")
 
 
 def test_report_figures_are_readable_pngs(state):
@@ -246,8 +266,11 @@ def test_report_with_nothing_evaluated_says_not_run(make_cfg, cli, tmp_path):
     rows = read_csv(cfg.results_dir("tables", "main.csv"))
     assert len(rows) == 33 and {r["label"] for r in rows} == {T.NOT_RUN}
     assert json.loads(cfg.results_dir("tables", "summary.json").read_text())["n_runs"] == 0
-    for name in ("fid_vs_train_step.png", "fid_vs_ddim_steps.png", "scaling.png", "samples_acdc.png"):
+    for name in ("fid_vs_train_step.png", "fid_vs_ddim_steps.png", "samples_acdc.png"):
         assert cfg.results_dir("figures", name).is_file()
+    # no scaling benchmark: no placeholder figure, a warning instead
+    assert not cfg.results_dir("figures", "scaling.png").exists()
+    assert "no usable scaling benchmark" in proc.stderr
     ref.unlink()
     proc = cli("report", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "reference.csv: the paper's reference numbers are missing" in proc.stderr
@@ -265,3 +288,17 @@ def test_fid_against_training_step_from_mlflow(make_cfg):
         run.log_metrics({"fid": 1.0}, step=7)
     hist = inputs.mlflow_fid_history(cfg)
     assert hist == {("acdc", "vmddpm"): [(50, 80.0), (100, 60.0), (150, 45.0)]}
+
+
+def test_an_empty_clean_fid_column_says_why(make_cfg):
+    """A run evaluated with `eval.clean_fid: false` shows "off" and a note naming the knob, never a
+    silently empty cell."""
+    cfg = make_cfg("tracking.enabled=false")
+    m = {"fid": 3.0, "kid_mean": 0.1, "kid_std": 0.01, "clean_fid": False, "scale": "demo"}
+    m |= {"extractor": "random-inception", "comparable_to_paper": False, "n_real": 16, "n_fake": 16}
+    rows = T.main_rows(cfg, {("acdc", "vmddpm"): m}, {})
+    md = T.main_markdown(rows, T.claims(cfg, {("acdc", "vmddpm"): m}, {}), {})
+    acdc = md.split("## acdc\n", 1)[1]
+    row = next(line for line in acdc.splitlines() if "| vmddpm |" in line)
+    assert "| off |" in row
+    assert "`eval.clean_fid` was false" in md and "scales.demo.eval.clean_fid=true" in md

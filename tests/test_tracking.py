@@ -3,6 +3,7 @@ params, metrics and artifacts; parallel writers lose no run."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 
 from tests.conftest import ONE_THREAD_ENV, TINY
 from tests.test_train import DATASET, MODEL, write_prepared
-from vmddpm.tracking import NullRun, resolve_uri, retry, start_run
+from vmddpm.tracking import NullRun, local_artifacts, resolve_uri, retry, start_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +72,7 @@ def test_one_run_per_invocation(tmp_path: Path, cli) -> None:
 
     from mlflow.tracking import MlflowClient
 
+    local_artifacts()  # the store's artifact locations are relative (mlflow-artifacts:/...)
     client = MlflowClient(f"sqlite:///{db}")
     train_run = runs[runs["tags.stage"] == "train"].iloc[0]
     loss = client.get_metric_history(train_run["run_id"], "loss")
@@ -80,10 +82,32 @@ def test_one_run_per_invocation(tmp_path: Path, cli) -> None:
     assert [m.step for m in rss] == [2, 4] and 50 < rss[0].value <= rss[1].value
     arts = {a.path for a in client.list_artifacts(train_run["run_id"])}
     assert {"history.csv", "checkpoint.txt", "grids"} <= arts
-    assert train_run["tags.checkpoint"].endswith("model.pt")
+    assert train_run["tags.checkpoint"] == f"runs/{DATASET}/{MODEL}/train/model.pt"  # relative
     assert (project / "mlartifacts").is_dir()
+    # the experiment opens on its runs in `mlflow ui`, its artifacts are relative to mlflow ui's root
+    exp = client.get_experiment_by_name("vmddpm")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.artifact_location == "mlflow-artifacts:/vmddpm"
+    assert len(set(runs["tags.mlflow.runName"])) == len(runs)  # unique names
+    if (ROOT / ".git").exists():
+        assert set(runs["tags.git_dirty"]) <= {"true", "false"}
+    # the trained EMA model: logged by the train run, registered per dataset/model, loadable
+    import mlflow.pytorch
+    import torch
+
+    (logged,) = client.search_logged_models([exp.experiment_id])
+    assert logged.source_run_id == train_run["run_id"] and logged.name == "ema"
+    (version,) = client.search_model_versions(f"name = 'vmddpm-{DATASET}-{MODEL}'")
+    assert version.run_id == train_run["run_id"] and version.source == f"models:/{logged.model_id}"
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    net = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    assert isinstance(net, torch.nn.Module)
+    ids = json.loads((project / "runs" / DATASET / MODEL / "train" / "mlflow_run.json").read_text())
+    assert ids == {"run_id": train_run["run_id"], "model_id": logged.model_id}
 
     sample_run = runs[runs["tags.stage"] == "sample"].iloc[0]
+    assert sample_run["tags.mlflow.parentRunId"] == train_run["run_id"] == sample_run["tags.train_run_id"]
+    assert sample_run["params.out"] == f"runs/{DATASET}/{MODEL}/samples"
     assert sample_run["metrics.n_images"] == 4
     assert {"samples_grid.png", "samples_meta.json"} <= {
         a.path for a in client.list_artifacts(sample_run["run_id"])

@@ -77,14 +77,31 @@ def make_fresh_repo(dest: Path, *, test_config: bool = True, commit: bool = True
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, target)
     if test_config:
-        params = yaml.safe_load((dest / "params.yaml").read_text())
-        overrides = yaml.safe_load((dest / ".test" / "params.yaml").read_text())
-        (dest / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, overrides), sort_keys=False))
+        merge_keeping_layout(
+            dest / "params.yaml", yaml.safe_load((dest / ".test" / "params.yaml").read_text())
+        )
+        run(str(BIN / "vmddpm"), "config", "dvc", "--write", cwd=dest)  # dvc.yaml follows the matrix
     run("git", "init", "-q", cwd=dest)
     if commit:
         run("git", "add", "-A", cwd=dest)
         run("git", "commit", "-q", "-m", "fresh copy", cwd=dest)
     return dest
+
+
+def merge_keeping_layout(path: Path, overrides: dict) -> None:
+    """Deep-merge `overrides` into the YAML file at `path` with DVC's own round-trip writer (what
+    `dvc exp run -S` uses), so the file keeps params.yaml's layout and comments."""
+    from dvc.utils.serialize import modify_yaml
+
+    def merge(node, over):
+        for key, value in over.items():
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                merge(node[key], value)
+            else:
+                node[key] = value
+
+    with modify_yaml(str(path)) as doc:
+        merge(doc, overrides)
 
 
 def set_param(repo: Path, dotted: str, value: object) -> None:
@@ -181,7 +198,7 @@ def test_lint_is_clean(fresh: Path) -> None:
 def test_dag_renders(fresh: Path) -> None:
     dot = snakemake(fresh, "--dag").stdout
     assert dot.lstrip().startswith("digraph")
-    for rule in ("download", "prepare", "train", "sample", "evaluate", "report", "dvc_commit"):
+    for rule in ("download", "prepare", "train", "sample", "sweep", "evaluate", "report", "dvc_commit"):
         assert rule in dot
     if shutil.which("dot"):
         svg = subprocess.run(["dot", "-Tsvg"], input=dot, capture_output=True, text=True, check=True).stdout
@@ -205,32 +222,132 @@ def test_slurm_profile_dry_run(fresh: Path) -> None:
     assert re.search(r"gpu=1", text), text[-2000:]
 
 
-def test_default_profile_dry_run(fresh: Path) -> None:
-    proc = snakemake(fresh, "--workflow-profile", "workflow/profiles/default", "--dry-run")
-    assert "workflow/profiles/default" in proc.stdout + proc.stderr and "train" in proc.stdout
+def test_plain_snakemake_uses_the_default_profile(fresh: Path) -> None:
+    """Snakemake >= 8 reads `profiles/default` beside the Snakefile (workflow/Snakefile, the catalog's
+    layout) with no flag: `cores: all` etc. come from workflow/profiles/default/config.yaml."""
+    proc = snakemake(fresh, "--dry-run")
+    text = proc.stdout + proc.stderr
+    assert "Using workflow specific profile workflow/profiles/default" in text and "train" in text
 
 
-def test_env_files_are_valid_and_pinned() -> None:
-    constraints = {
-        line.split("==")[0].strip().lower(): line.split("==")[1].strip()
-        for line in (ROOT / "constraints.txt").read_text().splitlines()
-        if "==" in line and not line.lstrip().startswith("#")
-    }
-    for name in ("cpu", "cuda", "eval"):
-        env = yaml.safe_load((ROOT / "env" / f"{name}.yaml").read_text())
-        assert env["name"] == f"vmddpm-{name}"
-        assert "conda-forge" in env["channels"]
-        deps = env["dependencies"]
-        assert any(str(d).startswith("python=") for d in deps)
-        pip = next(d["pip"] for d in deps if isinstance(d, dict))
-        assert "-c ../constraints.txt" in pip, f"env/{name}.yaml must pin through constraints.txt"
-    assert "mamba-ssm" in constraints or "mamba_ssm" in constraints
-    cuda_pip = next(
-        d["pip"]
-        for d in yaml.safe_load((ROOT / "env/cuda.yaml").read_text())["dependencies"]
-        if isinstance(d, dict)
-    )
-    assert any("[cuda]" in p for p in cuda_pip)
+def test_catalog_layout() -> None:
+    """The Snakemake workflow catalog's "standardized usage": workflow/Snakefile, config/README.md and
+    .snakemake-workflow-catalog.yml (params.yaml stays at the root: it is DVC's file too)."""
+    assert (ROOT / "workflow" / "Snakefile").is_file() and not (ROOT / "Snakefile").exists()
+    assert "params.yaml" in (ROOT / "config" / "README.md").read_text()
+    usage = yaml.safe_load((ROOT / ".snakemake-workflow-catalog.yml").read_text())["usage"]
+    assert usage["software-stack-deployment"]["conda"] is True and usage["report"] is True
+
+
+def test_config_selects_the_matrix(fresh: Path) -> None:
+    """Acceptance 1: `--config datasets=[..] models=[..]` schedules only those jobs, and the jobs get the
+    override as `vmddpm --set` (the CLI resolves the same config)."""
+    jobs = dry_run_jobs(fresh, "--config", "datasets=[acdc]", "models=[vmddpm]")
+    assert jobs == {
+        "download": 1, "prepare": 1, "train": 1, "sample": 1, "sweep": 1, "evaluate": 1,
+        "report": 1, "dvc_commit": 1, "all": 1,
+    }  # fmt: skip
+    proc = snakemake(fresh, "--dry-run", "--printshellcmds", "--config", "datasets=[acdc]", "models=[vmddpm]")
+    assert "vmddpm --params params.yaml --scale demo --set 'datasets=[\"acdc\"]'" in proc.stdout
+    assert "train --dataset acdc --model vmddpm" in proc.stdout
+    assert "--dataset chestxray" not in proc.stdout
+
+
+def test_configfile_is_a_partial_params_yaml(tmp_path: Path) -> None:
+    """`--configfile` deep-merges a partial params.yaml (the `.test` one here) over params.yaml."""
+    repo = make_fresh_repo(tmp_path / "repo", test_config=False, commit=False)
+    over = yaml.safe_load((repo / ".test" / "params.yaml").read_text())
+    jobs = dry_run_jobs(repo, "--configfile", ".test/params.yaml")
+    n = len(over["datasets"]) * len(over["models"])
+    assert jobs["train"] == n and jobs["evaluate"] == n and jobs["download"] == len(over["datasets"])
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("model={sr: zig}", "model.sr must be one of none | window | zigzag | random, got 'zig'; did you mean zigzag?"),  # noqa: E501
+        ("train={lr_rate: 1}", "train.lr_rate is not a known key; did you mean train.lr?"),
+        ("models=[vmddpm, vmdpm]", "models[1]=vmdpm is not a known model (a key of presets); did you mean vmddpm?"),  # noqa: E501
+    ],
+)  # fmt: skip
+def test_bad_config_override_is_the_clis_one_line_error(fresh: Path, config: str, message: str) -> None:
+    proc = snakemake(fresh, "--dry-run", "--config", config, check=False)
+    assert proc.returncode != 0
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if message in ln]
+    assert lines == [f"params.yaml + --config/--configfile: {message}"], (proc.stdout + proc.stderr)[-2000:]
+
+
+def test_params_yaml_keeps_its_layout_under_dvcs_writer(tmp_path: Path) -> None:
+    """`dvc exp run -S key=value` rewrites params.yaml with DVC's own writer (ruamel.yaml round trip,
+    every list replaced by a plain one): params.yaml is shaped so that one key is one changed line, its
+    comments kept."""
+    from dvc.utils.hydra import apply_overrides
+
+    for override, line in (
+        ("model.sr=zigzag", "  sr: zigzag # none | window | zigzag | random"),
+        ("scales.demo.train.steps=40", "      steps: 40"),
+        ("data.acdc.archive=/data/acdc.zip", "    archive: /data/acdc.zip"),
+        ("eval.ddim_steps_sweep=[10,25,50,101]", "  - 101"),
+        ("presets.vmddpm_csm.model.sr=random", "  vmddpm_csm: {family: vmunet, model: {sr: random}}"),
+    ):
+        path = tmp_path / "params.yaml"
+        shutil.copy(ROOT / "params.yaml", path)
+        apply_overrides(str(path), [override])
+        before, after = (ROOT / "params.yaml").read_text().splitlines(), path.read_text().splitlines()
+        assert len(before) == len(after), override
+        diff = [b for a, b in zip(before, after, strict=True) if a != b]
+        assert diff == [line], (override, diff)
+
+
+def test_env_files_survive_snakemake_copying_them(tmp_path: Path) -> None:
+    """Acceptance 3. Snakemake copies an env file to .snakemake/conda/<hash>_.yaml and runs `conda env
+    create --file` on the copy; conda writes the `pip:` entries to a requirements file in the copy's
+    folder and runs pip there. Reproduce that copy (Snakemake's own copy function), then resolve every
+    path in it with pip's own requirements parser, VMDDPM_ROOT set as workflow/rules/common.smk sets it."""
+    import hashlib
+
+    from pip._internal.network.session import PipSession
+    from pip._internal.req.req_file import parse_requirements
+    from snakemake.common import copy_permission_safe
+
+    root = ROOT.resolve()
+    common = (ROOT / "workflow" / "rules" / "common.smk").read_text()
+    assert 'os.environ["VMDDPM_ROOT"] = str(Path(workflow.basedir).resolve().parent)' in common
+    envs = sorted((ROOT / "workflow" / "envs").glob("*.yaml"))
+    assert {e.stem for e in envs} == {"cpu", "cuda", "eval"}
+
+    def resolve(reqs: Path) -> list:
+        old = os.getcwd()
+        os.chdir(reqs.parent)  # conda runs pip in the env file's folder
+        os.environ["VMDDPM_ROOT"] = str(root)
+        try:
+            return list(parse_requirements(str(reqs), session=PipSession(), constraint=False))
+        finally:
+            os.chdir(old)
+            os.environ.pop("VMDDPM_ROOT", None)
+
+    for env in envs:
+        spec = yaml.safe_load(env.read_text())
+        assert spec["name"] == f"vmddpm-{env.stem}" and "conda-forge" in spec["channels"]
+        copy = tmp_path / ".snakemake" / "conda" / f"{hashlib.md5(env.read_bytes()).hexdigest()}_.yaml"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy_permission_safe(str(env), str(copy))
+        pip = next(d["pip"] for d in yaml.safe_load(copy.read_text())["dependencies"] if isinstance(d, dict))
+        reqs = copy.parent / f"condaenv.{env.stem}.requirements.txt"
+        reqs.write_text("\n".join(pip) + "\n")
+        parsed = resolve(reqs)  # opens every -c / -r file it names: a missing one raises
+        (editable,) = [r for r in parsed if r.is_editable]
+        target = Path(editable.requirement.split("[")[0])
+        assert target.resolve() == root and (target / "pyproject.toml").is_file(), (env.name, target)
+        assert any(p.startswith("-c ${VMDDPM_ROOT}/constraints.txt") for p in pip), env.name
+        assert not any(".." in p for p in pip), (env.name, pip)  # nothing relative to the copy
+        if env.stem == "cuda":
+            assert editable.requirement.endswith("[cuda]")
+    # the old style: '-c ../constraints.txt' from .snakemake/conda/ names .snakemake/constraints.txt
+    old = tmp_path / ".snakemake" / "conda" / "condaenv.old.requirements.txt"
+    old.write_text("-c ../constraints.txt\n-e ..\n")
+    with pytest.raises(Exception, match=r"constraints\.txt"):
+        resolve(old)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,9 @@ import argparse
 import contextlib
 import json
 import logging
+import os
+import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +36,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("vmddpm")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with "did you mean" for a mistyped subcommand or choice (`vmddpm trian` -> train)."""
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        choices = action.choices
+        if choices is not None and value not in choices:
+            import difflib
+
+            names = [str(c) for c in choices]
+            close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f" (choose from {', '.join(names)})"
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r}{hint}")
+        super()._check_value(action, value)
+
+
 def _common(top: bool) -> argparse.ArgumentParser:
     """The configuration options, accepted before and after the subcommand.
 
@@ -44,7 +62,7 @@ def _common(top: bool) -> argparse.ArgumentParser:
     def d(value: Any) -> Any:
         return value if top else argparse.SUPPRESS
 
-    p = argparse.ArgumentParser(add_help=False)
+    p = Parser(add_help=False)
     g = p.add_argument_group("configuration")
     g.add_argument("--params", default=d(DEFAULT_PARAMS), metavar="PATH", help="params.yaml to read")
     g.add_argument("--scale", choices=("demo", "paper"), default=d(None), help="override `scale:`")
@@ -72,14 +90,14 @@ def _model(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common(top=False)
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vmddpm",
         description="VM-DDPM reproducibility pipeline: every stage of the Snakemake/DVC workflow. "
         "Every default comes from params.yaml.",
         parents=[_common(top=True)],
     )
     parser.add_argument("--version", action="version", version=f"vmddpm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common])
@@ -117,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("report", "paper-vs-ours tables and figures from every metrics.json")
 
     p = add("reader-study", "blinded real/synthetic reader-study kit")
-    rs = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    rs = p.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=Parser)
     m = rs.add_parser("make", help="draw, shuffle and seal a study", parents=[common])
     _dataset(m)
     _model(m)
@@ -131,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--answers", type=Path, nargs="+", required=True)
 
     p = add("config", "show or validate the resolved configuration")
-    cs = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    cs = p.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=Parser)
     show = cs.add_parser("show", help="print the resolved config", parents=[common])
     show.add_argument("--format", choices=("yaml", "json"), default="yaml")
     cs.add_parser("validate", help="exit 0 if params.yaml is valid", parents=[common])
@@ -142,9 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the JSON schema of params.yaml (workflow/schemas/params.schema.yaml)",
         parents=[common],
     )
+    dvc = cs.add_parser(
+        "dvc", help="print dvc.yaml as generated from params.yaml (--write it, --check it)", parents=[common]
+    )
+    mode = dvc.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="write dvc.yaml beside params.yaml")
+    mode.add_argument("--check", action="store_true", help="exit 2 when dvc.yaml is not what it generates")
 
     p = add("model", "inspect the registry's networks")
-    ms = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ms = p.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=Parser)
     summ = ms.add_parser("summary", help="parameters and shapes per stage", parents=[common])
     _model(summ)
     summ.add_argument("--image-size", type=int, help="default: data.image_size")
@@ -155,6 +179,8 @@ def _config_command(cfg: Config, args: argparse.Namespace) -> int:
     import yaml
 
     data = cfg.to_dict()
+    if args.action == "dvc":
+        return _dvc_command(cfg, args)
     if args.action == "validate":
         log.info("%s is valid (scale=%s)", cfg.source, cfg.scale)
         return 0
@@ -171,6 +197,28 @@ def _config_command(cfg: Config, args: argparse.Namespace) -> int:
     else:
         print(f"# resolved from {cfg.source} at scale={cfg.scale}")
         print(yaml.safe_dump(data, sort_keys=False), end="")
+    return 0
+
+
+def _dvc_command(cfg: Config, args: argparse.Namespace) -> int:
+    from vmddpm.io import write_text
+    from vmddpm.pipeline import DVC_FILE, dvc_yaml_for, dvc_yaml_is_current
+
+    if args.scale or args.overrides:
+        raise UserError("dvc.yaml is generated from params.yaml as written: drop --scale and --set")
+    if args.check:
+        stale = dvc_yaml_is_current(args.params)
+        if stale:
+            raise UserError(stale)
+        log.info("%s is current with %s", Path(args.params).parent / DVC_FILE, args.params)
+        return 0
+    text = dvc_yaml_for(args.params)
+    if args.write:
+        path = Path(args.params).parent / DVC_FILE
+        write_text(path, text)
+        log.info("wrote %s", path)
+        return 0
+    print(text, end="")
     return 0
 
 
@@ -305,6 +353,33 @@ def _interrupt(e: BaseException) -> int | None:
     return None
 
 
+_COMMAND = re.compile(r"\bvmddpm (?=(?:" + "|".join(map(re.escape, COMMANDS)) + r")\b)")
+
+
+def with_flags(message: str, args: argparse.Namespace) -> str:
+    """A message whose suggested `vmddpm <command> ...` keeps the configuration flags the user gave
+    (`--params`, `--scale`, `--set`), so the suggestion runs against the same configuration."""
+    flags = []
+    if args.params != DEFAULT_PARAMS:
+        flags += ["--params", shlex.quote(str(args.params))]
+    if args.scale:
+        flags += ["--scale", args.scale]
+    for item in args.overrides:
+        flags += ["--set", shlex.quote(item)]
+    if not flags:
+        return message
+    return _COMMAND.sub("vmddpm " + " ".join(flags).replace("\\", "\\\\") + " ", message)
+
+
+def _check_dvc_yaml(args: argparse.Namespace) -> None:
+    """Under DVC (which sets DVC_STAGE): stop when dvc.yaml no longer matches params.yaml's matrix."""
+    from vmddpm.pipeline import dvc_yaml_is_current
+
+    stale = dvc_yaml_is_current(args.params)
+    if stale:
+        raise UserError(stale)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -323,13 +398,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vmddpm.config import load_config
 
         cfg = load_config(args.params, scale=args.scale, overrides=args.overrides)
+        if os.environ.get("DVC_STAGE") and args.command != "config":
+            _check_dvc_yaml(args)
         result = COMMANDS[args.command](cfg, args)
     except (UserError, OSError) as e:
         if args.debug:
             raise
         msg = e if isinstance(e, UserError) else os_error(e)
         _close_progress_bars()
-        print(f"vmddpm {args.command}: error: {msg}", file=sys.stderr)
+        print(f"vmddpm {args.command}: error: {with_flags(str(msg), args)}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemError) as e:
         code = _interrupt(e)

@@ -22,6 +22,7 @@ Loading:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -361,6 +362,9 @@ class Config(Document):
     def metrics_path(self, dataset: str, model: str) -> Path:
         return self.run_dir(dataset, model) / "metrics.json"
 
+    def protocol_path(self, dataset: str, model: str) -> Path:
+        return self.run_dir(dataset, model) / "protocol.json"
+
     def sweep_path(self, dataset: str, model: str) -> Path:
         return self.run_dir(dataset, model) / "ddim_sweep.json"
 
@@ -408,12 +412,17 @@ def load_config(
     *,
     scale: str | None = None,
     overrides: Iterable[str] = (),
+    document: Mapping[str, Any] | None = None,
 ) -> Config:
     """Load, validate and resolve `path`. Raises ConfigError with a one-line message; an error in a value
-    that came from `--set` names that override instead of the file."""
+    that came from `--set` names that override instead of the file.
+
+    `document`: the content to use instead of reading `path` (which still names it in errors and roots
+    relative paths), e.g. Snakemake's `config`: params.yaml merged with `--configfile` / `--config`.
+    """
     path = Path(path)
     overrides = tuple(overrides)
-    doc = read_yaml(path)
+    doc = read_yaml(path) if document is None else copy.deepcopy(dict(document))
     if scale is not None:
         doc["scale"] = scale
     _validate(Document, doc, path)

@@ -12,7 +12,8 @@ Torch-free and pydantic-free on purpose: the Snakemake rules, the CLI and the re
 - **samples** (sample -> evaluate, report, reader study): `<samples>/000000.png ...`, image i drawn from
   `image_seed(sample.seed, i)`; beside the folder `samples_meta_path()` (`SAMPLES_META_FIELDS`, with the
   sha256 of the `FINAL` they came from) and `samples_grid_path()`.
-- **metrics.json** (evaluate -> report): at least `METRICS_FIELDS`.
+- **metrics.json** + **protocol.json** (evaluate -> report): the numbers (`METRICS_FIELDS`, numbers only,
+  what DVC and pandas read) and how they were made (`PROTOCOL_FIELDS`); `read_record()` joins them.
 - **ddim_sweep.json** (sweep -> report): `SWEEP_FIELDS`, one row `{steps, fid, n_fake}` per step count.
 - **comparable to the paper**: `comparable(scale, extractor)` decides it where a number is made,
   `is_comparable(record)` re-checks it where a number is read; `label()` is what a table or figure says.
@@ -99,6 +100,9 @@ HISTORY_FIELDS = ("step", "loss", "lr", "images_per_s")
 GAN_HISTORY_FIELDS = ("step", "loss", "loss_g", "loss_d", "lr", "images_per_s")
 CHECKPOINTS = "checkpoints"
 """Beside the train folder: `checkpoints/<run key>/step_XXXXXXXX.pt` + `knobs.json` (vmddpm.trainkit)."""
+TRAIN_RUN = "mlflow_run.json"
+"""`{"run_id", "model_id"}` of the MLflow run that trained the folder (absent when tracking is off): the
+sample, sweep and evaluate runs of that model become its children."""
 
 
 # ------------------------------------------------------------------------------------------ samples
@@ -147,10 +151,10 @@ def read_samples_meta(samples_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
-# ------------------------------------------------------------------------------------- metrics.json
+# ------------------------------------------------------------------------ metrics.json + protocol.json
+METRICS_FILE = "metrics.json"
+PROTOCOL_FILE = "protocol.json"
 METRICS_FIELDS = (
-    "dataset",
-    "model",
     "fid",
     "kid_mean",
     "kid_std",
@@ -158,6 +162,15 @@ METRICS_FIELDS = (
     "fid_real_floor",
     "n_real",
     "n_fake",
+    "memorised_share",
+    "memorised_count",
+    "nn_distance_min",
+    "nn_distance_median",
+)
+"""metrics.json: numbers only, what was measured (`fid_clean` only when `eval.clean_fid` computed it)."""
+PROTOCOL_FIELDS = (
+    "dataset",
+    "model",
     "extractor",
     "weights_sha256",
     "resize",
@@ -167,13 +180,43 @@ METRICS_FIELDS = (
     "scale",
     "comparable_to_paper",
     "label",
-    "memorised_share",
-    "memorised_count",
-    "nn_distance_min",
-    "nn_distance_median",
+    "clean_fid",
     "memorisation_threshold",
 )
-"""Fields every metrics.json carries: the protocol, identification and the memorisation check."""
+"""protocol.json beside it: how the numbers were made (strings, flags, settings, relative paths); every
+evaluation carries at least these."""
+
+
+def protocol_path(metrics_path: str | Path) -> Path:
+    """The protocol file that goes with a metrics file: `protocol.json` beside `metrics.json`, else
+    `<name>.protocol.json`."""
+    metrics_path = Path(metrics_path)
+    if metrics_path.name == METRICS_FILE:
+        return metrics_path.with_name(PROTOCOL_FILE)
+    return metrics_path.with_name(metrics_path.stem + ".protocol.json")
+
+
+def split_record(record: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An evaluation record -> (metrics: its finite numbers of `METRICS_FIELDS`, protocol: the rest)."""
+    metrics = {
+        k: record[k]
+        for k in METRICS_FIELDS
+        if isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool)
+    }
+    protocol = {k: v for k, v in record.items() if k not in metrics}
+    return metrics, protocol
+
+
+def read_record(metrics_path: str | Path) -> dict[str, Any]:
+    """metrics.json merged with its protocol.json (absent protocol: the metrics file alone, as written
+    before the split). Raises OSError / ValueError on unreadable files."""
+    metrics_path = Path(metrics_path)
+    record = dict(json.loads(metrics_path.read_text()))
+    proto = protocol_path(metrics_path)
+    if proto.is_file():
+        record = {**json.loads(proto.read_text()), **record}
+    return record
+
 
 # ----------------------------------------------------------------------------------- ddim_sweep.json
 SWEEP_FILE = "ddim_sweep.json"

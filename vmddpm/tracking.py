@@ -4,7 +4,17 @@ Why a wrapper instead of calling `mlflow` directly:
 
 - the store comes from `tracking.uri` (default `sqlite:///mlflow.db`); a relative sqlite path is made
   absolute against `cfg.root` (the folder of params.yaml), so a stage run from any working directory,
-  by Snakemake or DVC, lands in the same store. Artifacts of a local store go to `<root>/mlartifacts`.
+  by Snakemake or DVC, lands in the same store.
+- artifacts of a local store are *relative*: the experiment's location is `mlflow-artifacts:/<name>`,
+  which `mlflow ui --backend-store-uri sqlite:///mlflow.db` (run beside the store) serves from its default
+  `./mlartifacts`; our own processes write there directly (`local_artifacts`). A moved or cloned
+  repository keeps a working store. Other processes read artifacts through `mlflow ui`/`mlflow server`,
+  or through `client(cfg)`.
+- the experiment opens on its runs in the UI (`mlflow.experimentKind` = custom model development, a
+  description); each run has a unique name (`<stage>-<dataset>-<model>-<time>`), the code's commit and
+  whether the working tree was dirty, the DVC experiment it belongs to (`dvc_exp`), and sample, sweep
+  and evaluate runs are children of the train run whose model they used (`mlflow.parentRunId`, also
+  `train_run_id`, which the runs table filters on).
 - parallel Snakemake jobs write to one sqlite file: every store call is retried with exponential
   back-off and jitter on "database is locked" and on the races of creating the database or the
   experiment (`tracking.retries` times), so concurrent writers never lose a run.
@@ -39,6 +49,7 @@ from typing import Any, TypeVar
 
 from vmddpm import __version__
 from vmddpm.config import Config
+from vmddpm.contracts import TRAIN_RUN
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,14 +85,21 @@ class NullRun:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         pass
 
+    def log_model(self, net: Any, name: str, registered_name: str, tags: Mapping[str, Any]) -> str | None:
+        return None
+
 
 class Run(NullRun):
     """A live MLflow run; every call goes through the retrying store client."""
 
-    def __init__(self, client: Any, run_id: str, retries: int) -> None:
+    def __init__(
+        self, client: Any, run_id: str, retries: int, uri: str = "", experiment_id: str | None = None
+    ) -> None:
         self.client = client
         self.run_id = run_id
         self.retries = retries
+        self.uri = uri
+        self.experiment_id = experiment_id
 
     def _retry(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return retry(fn, *args, retries=self.retries, **kwargs)
@@ -110,6 +128,45 @@ class Run(NullRun):
         items = [RunTag(str(k), str(v)) for k, v in tags.items()]
         if items:
             self._retry(self.client.log_batch, self.run_id, tags=items)
+
+    def log_model(self, net: Any, name: str, registered_name: str, tags: Mapping[str, Any]) -> str | None:
+        """Log `net` (a torch module) as this run's MLflow model `name` and register it as a new version of
+        `registered_name`; returns the logged model's id. Loading it needs the vmddpm package (its
+        classes); its pip requirements are named, not inferred (inference would load it in a subprocess)."""
+        import mlflow
+        import mlflow.pytorch
+        import torch
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(experiment_id=self.experiment_id)
+        info = mlflow.pytorch.log_model(
+            net,
+            name=name,
+            run_id=self.run_id,
+            pip_requirements=[f"vmddpm=={__version__}", f"torch=={torch.__version__.split('+')[0]}"],
+            serialization_format="pickle",  # `pt2` would trace forward(x, t) with torch.export
+            tags={k: str(v) for k, v in tags.items()},
+        )
+        model_id = info.model_id
+        self._retry(_ensure_registered, self.client, registered_name)
+        self._retry(
+            self.client.create_model_version,
+            registered_name,
+            f"models:/{model_id}",
+            run_id=self.run_id,
+            tags={k: str(v) for k, v in tags.items()},
+            model_id=model_id,
+        )
+        return str(model_id)
+
+
+def _ensure_registered(client: Any, name: str) -> None:
+    """Create the registered model `name` unless an earlier run (or a parallel job) did."""
+    try:
+        client.create_registered_model(name)
+    except Exception as e:
+        if "already exists" not in str(e).lower():
+            raise
 
 
 def retry(fn: Callable[..., T], *args: Any, retries: int, base_delay: float = 0.1, **kwargs: Any) -> T:
@@ -142,30 +199,104 @@ def resolve_uri(cfg: Config) -> str:
     return uri
 
 
+EXPERIMENT_KIND = "custom_model_development"
+"""`mlflow.experimentKind` of the experiment: MLflow 3's UI opens such an experiment on its runs table
+(without it, on the GenAI overview/traces page)."""
+ARTIFACTS_DIR = "mlartifacts"
+"""Where a local store's artifacts live, beside the store: `mlflow ui`'s default `--artifacts-destination`."""
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith("sqlite:") or "://" not in uri
+
+
 def _artifact_location(cfg: Config, uri: str) -> str | None:
-    """A local store's artifacts go to <root>/mlartifacts (not ./mlruns of whatever cwd)."""
-    if uri.startswith("sqlite:") or "://" not in uri:
-        return (cfg.root / "mlartifacts").resolve().as_uri()
+    """A local store's experiment keeps its artifacts at `mlflow-artifacts:/<experiment>`: relative to the
+    artifact root `mlflow ui` serves (./mlartifacts beside the store), not an absolute path."""
+    if _is_local(uri):
+        from urllib.parse import quote
+
+        return f"mlflow-artifacts:/{quote(cfg.tracking.experiment, safe='')}"
     return None
 
 
-def git_commit(root: Path) -> str | None:
-    """HEAD of the checkout holding the vmddpm code (editable install), else of `root`; None outside git."""
+def _local_root(tracking_uri: str) -> Path:
+    """The artifact destination of a local store: `mlartifacts/` beside the sqlite file (or file store)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///") :]).parent / ARTIFACTS_DIR
+    return Path(tracking_uri).parent / ARTIFACTS_DIR
+
+
+def local_artifacts() -> None:
+    """Let this process read and write `mlflow-artifacts:/...` locations of a local store directly under
+    its `mlartifacts/` (what `mlflow ui` does when it proxies them); with an http(s) tracking URI MLflow's
+    own proxy client is used, unchanged."""
+    from mlflow.store.artifact.artifact_repository_registry import _artifact_repository_registry
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+    from mlflow.tracking import get_tracking_uri
+
+    def factory(artifact_uri: str, tracking_uri: str | None = None, registry_uri: str | None = None) -> Any:
+        uri = tracking_uri or get_tracking_uri()
+        if not _is_local(uri):
+            return MlflowArtifactsRepository(
+                artifact_uri, tracking_uri=tracking_uri, registry_uri=registry_uri
+            )
+        from urllib.parse import unquote, urlparse
+
+        rel = unquote(urlparse(artifact_uri).path).lstrip("/")
+        return LocalArtifactRepository(str(_local_root(uri) / rel))
+
+    _artifact_repository_registry.register("mlflow-artifacts", factory)
+
+
+def client(cfg: Config) -> Any:
+    """An MlflowClient on `cfg`'s store that can also read its relative artifacts (None when disabled)."""
+    if not cfg.tracking.enabled:
+        return None
+    _quiet_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    local_artifacts()
+    return MlflowClient(tracking_uri=resolve_uri(cfg))
+
+
+def git_state(root: Path) -> tuple[str | None, bool | None]:
+    """(HEAD, dirty) of the checkout holding the vmddpm code, else of `root`: dirty = a tracked file
+    differs from HEAD (params.yaml after `dvc exp run -S` counts); (None, None) outside git."""
     for folder in (Path(__file__).resolve().parents[1], root):
-        commit = _git_head(folder)
+        commit = _git(folder, "rev-parse", "HEAD")
         if commit:
-            return commit
-    return None
+            status = _git(folder, "status", "--porcelain", "--untracked-files=no")
+            return commit, None if status is None else bool(status)
+    return None, None
 
 
-def _git_head(root: Path) -> str | None:
+def _git(root: Path, *args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=False
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def run_name(stage: str, dataset: str | None, model: str | None) -> str:
+    """`train-acdc-vmddpm-0612-142233-3f9a`: what ran and when, unique across reruns and experiments."""
+    stamp = time.strftime("%m%d-%H%M%S")
+    return "-".join(x for x in (stage, dataset, model, stamp, f"{random.getrandbits(16):04x}") if x)
+
+
+def train_run_id(cfg: Config, dataset: str, model: str) -> str | None:
+    """The MLflow run id of the training of `model` on `dataset` (None when untracked or unknown)."""
+    import json
+
+    path = cfg.train_dir(dataset, model) / TRAIN_RUN
+    try:
+        return str(json.loads(path.read_text())["run_id"]) or None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _quiet_mlflow() -> None:
@@ -175,11 +306,23 @@ def _quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+EXPERIMENT_NOTE = (
+    "VM-DDPM reproduction (arXiv:2405.05667): one run per stage invocation of the Snakemake/DVC "
+    "pipeline. Train runs hold the trained EMA model (registered as vmddpm-<dataset>-<model>); sample, "
+    "sweep and evaluate runs are their children (`tags.train_run_id`). Filter e.g. "
+    "`tags.stage = 'evaluate' and params.model.sr = 'zigzag'`; demo-scale runs say `tags.scale = 'demo'`."
+)
+
+
 def _experiment_id(client: Any, name: str, artifact_location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") is None:  # made by an older vmddpm: open on its runs too
+            client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)  # a race -> "already exists"
+    tags = {"mlflow.experimentKind": EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_NOTE}
+    # a race with another process -> "already exists", retried (then found above)
+    return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
 
 
 def _init_lock(uri: str) -> contextlib.AbstractContextManager[Any]:
@@ -224,6 +367,40 @@ def fail_stale_runs(client: Any, exp_id: str, output: str, retries: int) -> list
     return stale
 
 
+def run_tags(
+    cfg: Config,
+    stage: str,
+    *,
+    dataset: str | None = None,
+    model: str | None = None,
+    parent: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """The tags of every run: what ran (stage, dataset, model, scale), on which code (commit, dirty tree,
+    version), in which DVC experiment, and the train run it descends from."""
+    out: dict[str, str] = {"stage": stage, "scale": cfg.scale, "vmddpm_version": __version__}
+    if dataset:
+        out["dataset"] = dataset
+    if model:
+        out["model"] = model
+        out["family"] = cfg.preset(model).family
+    commit, dirty = git_state(cfg.root)
+    if commit:
+        out["git_commit"] = commit
+        out["mlflow.source.git.commit"] = commit
+    if dirty is not None:
+        out["git_dirty"] = str(dirty).lower()
+    if os.environ.get("DVC_EXP_NAME"):
+        out["dvc_exp"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_STAGE"):
+        out["dvc_stage"] = os.environ["DVC_STAGE"]
+    if parent:
+        out["mlflow.parentRunId"] = parent
+        out["train_run_id"] = parent
+    out.update({k: str(v) for k, v in (tags or {}).items()})
+    return out
+
+
 @contextlib.contextmanager
 def start_run(
     cfg: Config,
@@ -233,10 +410,12 @@ def start_run(
     model: str | None = None,
     tags: Mapping[str, Any] | None = None,
     output: str | Path | None = None,
+    parent: str | None = None,
 ) -> Iterator[NullRun]:
     """One MLflow run for one stage invocation; status FINISHED on success, KILLED on SIGINT/SIGTERM,
     FAILED otherwise. `output`: the path the stage writes (its lock held by the caller); stale RUNNING
-    runs of it are marked FAILED first."""
+    runs of it are marked FAILED first. `parent`: the run id this run is a child of (the train run of
+    the model a sample/evaluate run used)."""
     if not cfg.tracking.enabled:
         yield NullRun()
         return
@@ -249,30 +428,23 @@ def start_run(
     uri = resolve_uri(cfg)
     if uri.startswith("sqlite:"):  # a second of imports: outside the lock, so parallel jobs do not wait on it
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    if _is_local(uri):
+        local_artifacts()
     with _init_lock(uri):  # the first writer creates the schema; others must not migrate it concurrently
         client = retry(MlflowClient, tracking_uri=uri, retries=retries)
         exp_id = retry(
             _experiment_id, client, cfg.tracking.experiment, _artifact_location(cfg, uri), retries=retries
         )
-    all_tags: dict[str, str] = {"stage": stage, "scale": cfg.scale, "vmddpm_version": __version__}
-    if dataset:
-        all_tags["dataset"] = dataset
-    if model:
-        all_tags["model"] = model
-    commit = git_commit(cfg.root)
-    if commit:
-        all_tags["git_commit"] = commit
-        all_tags["mlflow.source.git.commit"] = commit
-    all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+    all_tags = run_tags(cfg, stage, dataset=dataset, model=model, parent=parent, tags=tags)
     if output is not None:
         output = str(Path(output).resolve())
         all_tags.update(
             {OUTPUT_TAG: output, "vmddpm.pid": str(os.getpid()), "vmddpm.host": socket.gethostname()}
         )
         fail_stale_runs(client, exp_id, output, retries)
-    name = "-".join(x for x in (stage, dataset, model) if x)
+    name = run_name(stage, dataset, model)
     info = retry(client.create_run, exp_id, tags=all_tags, run_name=name, retries=retries).info
-    run = Run(client, info.run_id, retries)
+    run = Run(client, info.run_id, retries, uri=uri, experiment_id=exp_id)
     log.info("MLflow run %s (%s) in %s", info.run_id, name, uri)
     status = "FAILED"
     try:

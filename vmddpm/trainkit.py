@@ -60,7 +60,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vmddpm.config import Config
-from vmddpm.contracts import FINAL, HISTORY, HISTORY_FIELDS, LAST, MANIFEST
+from vmddpm.contracts import FINAL, HISTORY, HISTORY_FIELDS, LAST, MANIFEST, TRAIN_RUN
 from vmddpm.errors import UserError
 from vmddpm.io import atomic_path, write_json, write_text
 
@@ -581,12 +581,27 @@ def write_history(path: Path, rows: list[dict[str, float]], fields: Sequence[str
     write_text(path, buf.getvalue())
 
 
-def close_run(run: Any, out: Path, final: Path) -> None:
-    """The end of every train run: tag the final checkpoint, attach the history and its path."""
-    run.set_tags({"checkpoint": str(final)})
+def close_run(run: Any, cfg: Config, dataset: str, model: str, final: Path, ema: nn.Module) -> None:
+    """The end of every train run: tag the final checkpoint (a path relative to the project), attach the
+    history, log the EMA network as the run's MLflow model (registered as
+    `<experiment>-<dataset>-<model>`) and note the run in the train folder (`contracts.TRAIN_RUN`), where
+    sample, sweep and evaluate runs find the run they descend from."""
+    out = final.parent
+    where = os.path.relpath(final, cfg.root)
+    run.set_tags({"checkpoint": where})
     run.log_artifact(out / HISTORY)
-    write_text(out / "checkpoint.txt", f"{final}\n")
+    write_text(out / "checkpoint.txt", f"{where}\n")
     run.log_artifact(out / "checkpoint.txt")
+    if run.run_id is None:  # tracking off: no run to link to
+        (out / TRAIN_RUN).unlink(missing_ok=True)
+        return
+    model_id = run.log_model(
+        ema,
+        name="ema",
+        registered_name=f"{cfg.tracking.experiment}-{dataset}-{model}",
+        tags={"dataset": dataset, "model": model, "family": cfg.preset(model).family, "checkpoint": where},
+    )
+    write_text(out / TRAIN_RUN, json.dumps({"run_id": run.run_id, "model_id": model_id}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------- trained model

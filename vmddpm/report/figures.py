@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from vmddpm.config import Config
-from vmddpm.contracts import SCALING_BENCHMARK, is_comparable
+from vmddpm.contracts import is_comparable
 from vmddpm.plotting import model_colors, note, pyplot, save, title
 from vmddpm.report.tables import NOT_RUN
 
@@ -90,16 +90,27 @@ def lines_figure(
         for model in (m for m in cfg.models if m in series):
             xs, ys = zip(*sorted(series[model]), strict=True)
             (handles[model],) = ax.plot(xs, ys, marker="o", color=colors[model], label=model)
+        xt = sorted({x for pts in series.values() for x, _ in pts})
         if logx:
             ax.set_xscale("log")
-            xt = sorted({x for pts in series.values() for x, _ in pts})
             ax.set_xticks(xt, [f"{x:g}" for x in xt])
             ax.minorticks_off()
+        else:  # from 0 to the last point, ticks at the x values that exist (one step: not a 19-21 axis)
+            ax.set_xlim(0, max(xt) * 1.08 if max(xt) > 0 else 1)
+            if len(xt) <= 8:
+                ax.set_xticks(sorted({0.0, *xt}), [f"{x:g}" for x in sorted({0.0, *xt})])
         ax.set_xlabel(xlabel)
         ax.set_ylabel("FID")
         ax.grid(alpha=0.3)
-        if all(len(p) == 1 for p in series.values()):
-            ax.text(0.02, 0.02, "one point per model so far", transform=ax.transAxes, fontsize=7, color="0.4")
+        if len(xt) == 1:
+            ax.text(
+                0.02,
+                0.02,
+                f"one evaluation per model so far, at {xlabel} {xt[0]:g}",
+                transform=ax.transAxes,
+                fontsize=7,
+                color="0.4",
+            )
     if handles:
         order = [m for m in cfg.models if m in handles]
         fig.legend([handles[m] for m in order], order, loc="outside right upper", fontsize=7)
@@ -150,41 +161,63 @@ def ddim_figure(cfg: Config, sweeps: dict[tuple[str, str], dict[str, Any]], path
     )
 
 
+SCALING_LABELS = {
+    "step_s_median": "time per training step (s, median)",
+    "peak_mem_mb": "peak memory of a training step (MB)",
+}
+
+
+def _slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Least-squares slope of log y against log x (1 = linear in pixels, 2 = quadratic)."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if x > 0 and y > 0]
+    if len(pts) < 2 or len({x for x, _ in pts}) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+
+
 def scaling_figure(
-    panels: Sequence[tuple[str, str, dict[str, list[tuple[float, float]]]]], source: Path, path: Path
-) -> Path:
-    """Time (and peak memory, when recorded) per training step against pixels, log-log; each curve's
-    legend gives the log-log slope between its two largest sizes (1 = linear, 2 = quadratic).
-    `panels` = [(what, y key, series)] with non-empty series."""
-    plt = pyplot()
-    fig, axes = plt.subplots(
-        1, max(1, len(panels)), figsize=(5.2 * max(1, len(panels)), 4), layout="constrained"
-    )
-    axes = np.atleast_1d(axes)
+    panels: Sequence[tuple[str, str, dict[str, list[tuple[float, float]]]]], source: str, path: Path
+) -> Path | None:
+    """Time (and peak memory, when recorded) per training step against pixels, log-log, one line per
+    variant of the benchmark (distinct markers and line styles, so variants measured at the same sizes
+    stay visible); the legend gives each line's fitted log-log slope (1 = linear, 2 = quadratic) and
+    grey guides show slopes 1 and 2. `panels` = [(what, y key, series)]; none -> no figure (None)."""
     if not panels:
-        note(
-            axes[0],
-            f"no usable scaling benchmark at\n{source}\n(run benchmarks/bench_scaling.py to write it)",
-        )
-    for ax, (what, yk, series) in zip(axes, panels, strict=False):
-        for name, pts in sorted(series.items()):
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), layout="constrained")
+    axes = np.atleast_1d(axes)
+    styles = [("o", "-", 2.0), ("s", "--", 1.4), ("^", ":", 1.4), ("D", "-.", 1.4)]
+    for ax, (_what, yk, series) in zip(axes, panels, strict=True):
+        xs_all = sorted({x for pts in series.values() for x, _ in pts})
+        for i, (name, pts) in enumerate(sorted(series.items(), key=lambda kv: ("," in kv[0], kv[0]))):
             xs, ys = zip(*sorted(pts), strict=True)
-            label = name
-            if len(xs) > 1 and xs[-1] > xs[-2] and ys[-1] > 0 and ys[-2] > 0:
-                slope = math.log(ys[-1] / ys[-2]) / math.log(xs[-1] / xs[-2])
-                label = f"{name}: slope {slope:.2f}"
-            ax.plot(xs, ys, marker="o", label=label)
+            marker, ls, lw = styles[i % len(styles)]
+            slope = _slope(xs, ys)
+            label = name + (f": slope {slope:.2f}" if slope is not None else "")
+            ax.plot(xs, ys, marker=marker, ls=ls, lw=lw, ms=7 - i, mfc="none" if i else None, label=label)
+        lo = min(y for pts in series.values() for _, y in pts)
+        for k, text in ((1, "slope 1"), (2, "slope 2")):  # guides through the smallest point
+            x0 = xs_all[0]
+            ax.plot(xs_all, [lo * (x / x0) ** k for x in xs_all], color="0.75", lw=0.8, zorder=0)
+            ax.annotate(text, (xs_all[-1], lo * (xs_all[-1] / x0) ** k), fontsize=7, color="0.5")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("pixels")
-        ax.set_ylabel(yk)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(
-            fontsize=8, title="log-log slope of the last step\n(1 = linear, 2 = quadratic)", title_fontsize=7
+        side = [math.isqrt(int(x)) for x in xs_all]
+        ax.set_xticks(
+            xs_all, [f"{s}×{s}" if s * s == int(x) else f"{x:g}" for s, x in zip(side, xs_all, strict=True)]
         )
-        ax.set_title(what, fontsize=9)
+        ax.minorticks_off()
+        ax.set_xlabel("image size (pixels, log scale)")
+        ax.set_ylabel(SCALING_LABELS.get(yk, yk) + ", log scale")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, title="fitted log-log slope", title_fontsize=7, loc="upper left")
     fig.suptitle(
-        f"Cost against image size (paper claim C5: linear for the CSM; {SCALING_BENCHMARK})", fontsize=10
+        "Training-step cost against image size: CSM (S6 scan) against self-attention\n"
+        f"paper claim C5: linear in pixels for the CSM (source: {source})",
+        fontsize=10,
     )
     return _save(fig, path)
 

@@ -25,6 +25,7 @@ from vmddpm.config import Config
 from vmddpm.contracts import (
     SCALING_BENCHMARK,
     SCALING_X,
+    read_record,
     split_files,
 )
 from vmddpm.errors import UserError
@@ -63,7 +64,8 @@ def read_reference(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def read_metrics(cfg: Config) -> tuple[dict[tuple[str, str], dict[str, Any]], list[str]]:
-    """Every metrics.json of the configured datasets x models; the missing ones as 'ds/model'."""
+    """Every metrics.json (joined with its protocol.json) of the configured datasets x models; the missing
+    ones as 'ds/model'."""
     found: dict[tuple[str, str], dict[str, Any]] = {}
     missing: list[str] = []
     for ds in cfg.datasets:
@@ -73,7 +75,7 @@ def read_metrics(cfg: Config) -> tuple[dict[tuple[str, str], dict[str, Any]], li
                 missing.append(f"{ds}/{model}")
                 continue
             try:
-                m = json.loads(path.read_text())
+                m = read_record(path)
                 float(m["fid"])
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("%s: unreadable metrics (%s); reported as not run", path, e)
@@ -182,9 +184,9 @@ def mlflow_fid_history(cfg: Config) -> dict[tuple[str, str], list[tuple[int, flo
         uri = resolve_uri(cfg)
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
             return {}  # never create a store just to read it
-        from mlflow.tracking import MlflowClient
+        from vmddpm.tracking import client as tracking_client
 
-        client = MlflowClient(tracking_uri=uri)
+        client = tracking_client(cfg)
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
         if exp is None:
             return {}

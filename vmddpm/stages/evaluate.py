@@ -1,5 +1,6 @@
 """`vmddpm evaluate`: FID/KID with a recorded protocol, a clean-fid cross-check, the real-vs-real floor and
-a memorisation check of one model's samples, written to `metrics.json` (fields: `vmddpm.contracts`).
+a memorisation check of one model's samples: the numbers in `metrics.json`, how they were made in
+`protocol.json` beside it (fields, and the split: `vmddpm.contracts`).
 
 The maths is `vmddpm.metrics`; the extractor, the reference set and its cached features are
 `vmddpm.evalkit` (shared with the sweep stage). How the samples were drawn comes from the sample stage's
@@ -13,15 +14,25 @@ refused with one line saying to sample again. One process per output (`.metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vmddpm import io as vio
-from vmddpm.config import Config
-from vmddpm.contracts import FINAL, comparable, label, read_samples_meta, samples_meta_path
+from vmddpm.config import Config, flatten
+from vmddpm.contracts import (
+    FINAL,
+    comparable,
+    label,
+    protocol_path,
+    read_samples_meta,
+    samples_meta_path,
+    split_record,
+)
 from vmddpm.errors import UserError
 from vmddpm.evalkit import (
     PROTOCOL_VERSION,
@@ -52,7 +63,7 @@ def _sampler_fields(cfg: Config, model: str, samples: Path) -> dict[str, Any]:
             "eta": meta.get("eta"),
             "checkpoint_step": meta.get("checkpoint_step"),
             "model_sha256": meta.get("model_sha256"),
-            "samples_meta": str(samples_meta_path(samples)),
+            "samples_meta": _rel(cfg, samples_meta_path(samples)),
         }
     if cfg.preset(model).family == "gan":
         return {"sampler": "gan", "steps": None, "seed": cfg.sample.seed, "checkpoint_step": None}
@@ -96,6 +107,7 @@ def compute_metrics(
         "kid_mean": kid_mean,
         "kid_std": kid_std,
         "fid_clean": fid_clean,
+        "clean_fid": cfg.eval.clean_fid,
         "fid_real_floor": ref["floor"],
         "n_real": len(real),
         "n_fake": len(fake),
@@ -190,10 +202,12 @@ def _evaluate(cfg: Config, dataset: str, model: str, samples: Path, out: Path) -
         "model": model,
         **_sampler_fields(cfg, model, samples),
         "reference_split": cfg.eval.reference_split,
-        "samples_dir": str(samples),
+        "samples_dir": _rel(cfg, samples),
         **compute_metrics(cfg, real, fake, train, ex, cache_tag=reference_tag(cfg, dataset)),
     }
-    vio.write_json(out, metrics)
+    numbers, protocol = split_record(metrics)
+    vio.write_json(protocol_path(out), protocol)
+    vio.write_json(out, numbers)
     log.info(
         "%s/%s: FID %.4g (clean-fid %s, real floor %s), KID %.4g ± %.2g, memorised %.1f%% -> %s",
         dataset,
@@ -210,38 +224,52 @@ def _evaluate(cfg: Config, dataset: str, model: str, samples: Path, out: Path) -
     return out
 
 
+def _rel(cfg: Config, path: Path) -> str:
+    """A path as recorded in protocol.json: relative to the project (the folder of params.yaml)."""
+    return os.path.relpath(Path(path).resolve(), cfg.root)
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
 def _track(cfg: Config, dataset: str, model: str, metrics: dict[str, Any], out: Path) -> None:
-    """One MLflow run per evaluate invocation (vmddpm.tracking owns the store, tags and retries).
+    """One MLflow run per evaluate invocation (vmddpm.tracking owns the store, tags and retries), a child
+    of the train run whose model made the samples. Its params are every knob the FID depends on (the
+    train, sample and evaluate knobs of this dataset and model, and for a vmunet preset its resolved
+    `model.*`: `params.model.sr`, ...), so the runs table filters and compares FIDs by them.
 
     Metrics are logged at step = the checkpoint's training step (else train.steps) so that evaluations
     of runs trained for different lengths
     (e.g. `dvc exp run -S train.steps=...`) make an FID-against-training-step curve in the report.
     """
-    from vmddpm.tracking import start_run
+    from vmddpm.pipeline import stage_params
+    from vmddpm.tracking import start_run, train_run_id
 
     numeric = {
         k: float(v)
         for k, v in metrics.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
     }
-    params = {
+    protocol = {
         k: str(metrics[k])
         for k in ("extractor", "weights_sha256", "resize", "sampler", "steps", "seed", "reference_split")
         if k in metrics
     }
+    preset = cfg.preset(model)
+    knobs: dict[str, Any] = {"dataset": dataset, "model": model, "family": preset.family}
+    for stage in ("train", "sample", "evaluate"):
+        knobs.update(flatten(stage_params(cfg, stage, dataset, model)))
+    if preset.family == "vmunet":  # the preset's own network: `model.sr` is `none` for vmddpm_csm
+        knobs.update(flatten({"model": dataclasses.asdict(cfg.model_config(model))}))
+    parent = train_run_id(cfg, dataset, model)
+    tags = {"label": metrics["label"] or "paper-protocol"}
     with start_run(
-        cfg,
-        "evaluate",
-        dataset=dataset,
-        model=model,
-        tags={"label": metrics["label"] or "paper-protocol"},
-        output=out,
+        cfg, "evaluate", dataset=dataset, model=model, tags=tags, parent=parent, output=out
     ) as run:
-        run.log_params({f"eval_protocol.{k}": v for k, v in params.items()})
+        run.log_params(knobs)
+        run.log_params({f"eval_protocol.{k}": v for k, v in protocol.items()})
         step = metrics.get("checkpoint_step")
         run.log_metrics(numeric, step=step if isinstance(step, int) else cfg.train.steps)
         run.log_artifact(out)
+        run.log_artifact(protocol_path(out))

@@ -237,5 +237,5 @@ def _train_gan(cfg: Config, dataset: str, model: str, out: Path) -> Path:
         finally:
             bar.close()
         path = finish()
-        close_run(run, out, path)
+        close_run(run, cfg, dataset, model, path, ema.module)
     return out

@@ -2,8 +2,9 @@
 
 It reads only what the pipeline wrote (`vmddpm.report.inputs`; the MLflow store is the one input outside
 the DAG, by design) and never recomputes a number, so it runs in seconds and can be rerun after any
-subset of evaluations. Tables: `results/tables/main.{md,csv}`, `ablation.{md,csv}`, `summary.json` (DVC
-metrics); figures: `results/figures/*.png`. Demo numbers are labelled as such everywhere
+subset of evaluations. Tables: `results/tables/main.{md,csv,html}`, `ablation.{md,csv,html}`,
+`summary.json` (numbers only: DVC metrics) and `claims.json` (what they mean); figures:
+`results/figures/*.png`. Demo numbers are labelled as such everywhere
 (`vmddpm.contracts.is_comparable`).
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from vmddpm import io as vio
 from vmddpm.config import Config
-from vmddpm.contracts import SCALING_MEMORY, SCALING_TIME, is_comparable
+from vmddpm.contracts import SCALING_BENCHMARK, SCALING_MEMORY, SCALING_TIME, is_comparable
 from vmddpm.report import figures, inputs, tables
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,8 @@ SAMPLES_PER_ROW = 8
 
 
 def report(cfg: Config) -> Path:
-    """Tables (CSV + Markdown), summary.json and figures; returns the tables folder. One process at a
-    time (`results/.tables.lock`); the folders are checked writable before anything is read."""
+    """Tables (CSV, Markdown, HTML), summary.json, claims.json and figures; returns the tables folder. One
+    process at a time (`results/.tables.lock`); the folders are checked writable before anything is read."""
     with vio.output_lock(cfg.results_dir("tables"), "report"):
         vio.ensure_writable(cfg.results_dir("tables"), cfg.results_dir("figures"))
         return _report(cfg)
@@ -38,10 +39,13 @@ def _report(cfg: Config) -> Path:
     abl = tables.ablation_rows(cfg, metrics, reference)
     cl = tables.claims(cfg, metrics, reference)
     vio.write_text(out / "main.csv", tables.to_csv(rows, tables.MAIN_COLUMNS))
-    vio.write_text(out / "main.md", tables.main_markdown(rows, cl))
+    vio.write_text(out / "main.md", tables.main_markdown(rows, cl, reference))
+    vio.write_text(out / "main.html", tables.main_html(rows, cl, reference))
     vio.write_text(out / "ablation.csv", tables.to_csv(abl, tables.ABLATION_COLUMNS))
     vio.write_text(out / "ablation.md", tables.ablation_markdown(cfg, abl))
-    vio.write_json(out / "summary.json", tables.summary(cfg, rows, missing, cl))
+    vio.write_text(out / "ablation.html", tables.ablation_html(cfg, abl))
+    vio.write_json(out / "summary.json", tables.summary(rows))
+    vio.write_json(out / "claims.json", tables.claims_doc(cfg, rows, missing, cl))
 
     written = [figures.overview_figure(cfg, rows, figs / "fid_overview.png")]
     for ds in cfg.datasets:
@@ -55,7 +59,15 @@ def _report(cfg: Config) -> Path:
         for what, key in (("time", SCALING_TIME), ("memory", SCALING_MEMORY))
         if (series := inputs.scaling_series(doc, key))
     ]
-    written.append(figures.scaling_figure(panels, inputs.scaling_path(cfg), figs / "scaling.png"))
+    scaling = figures.scaling_figure(panels, SCALING_BENCHMARK, figs / "scaling.png")
+    if scaling is None:  # no placeholder: the figure exists only with data behind it
+        (figs / "scaling.png").unlink(missing_ok=True)
+        log.warning(
+            "%s: no usable scaling benchmark; no scaling figure (benchmarks/bench_scaling.py writes it)",
+            inputs.scaling_path(cfg),
+        )
+    else:
+        written.append(scaling)
     log.info(
         "report: %d of %d runs evaluated; tables in %s, %d figures in %s",
         len(metrics),

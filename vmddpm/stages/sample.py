@@ -22,13 +22,14 @@ use EMA weights by default (`sample.use_ema`), GAN presets their (EMA) generator
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from vmddpm.config import Config
 from vmddpm.contracts import samples_meta_path
 from vmddpm.generation import draw, plan
 from vmddpm.io import ensure_writable, output_lock
-from vmddpm.tracking import start_run
+from vmddpm.tracking import start_run, train_run_id
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,14 @@ def _sample(cfg: Config, dataset: str, model: str, out: Path) -> Path:
     n = len(p.files)
     log.info("sampling %s/%s: %d images, %d missing, into %s", dataset, model, n, len(p.missing), out)
     tags = {"scan_backend": p.gen.scan_backend}
-    with start_run(cfg, "sample", dataset=dataset, model=model, tags=tags, output=out) as run:
+    parent = train_run_id(cfg, dataset, model)
+    with start_run(cfg, "sample", dataset=dataset, model=model, tags=tags, parent=parent, output=out) as run:
         run.log_params(cfg.flat())
+        where = os.path.relpath(out, cfg.root)
         run.log_params(
             {
                 "n_images": n,
-                "out": str(out),
+                "out": where,
                 "checkpoint_step": p.gen.checkpoint_step,
                 "model_sha256": p.gen.model_sha256,
             }

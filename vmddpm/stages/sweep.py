@@ -30,7 +30,7 @@ from vmddpm.io import ensure_writable, output_lock
 from vmddpm.metrics.features import extract_features
 from vmddpm.metrics.fid import frechet_distance
 from vmddpm.metrics.images import load_folder
-from vmddpm.tracking import start_run
+from vmddpm.tracking import start_run, train_run_id
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ def _sweep(cfg: Config, dataset: str, model: str) -> Path:
     ex = load_extractor(cfg)
     ref = reference_features(cfg, real, ex, reference_tag(cfg, dataset))
     rows = []
-    with start_run(cfg, "sweep", dataset=dataset, model=model, output=cfg.sweep_dir(dataset, model)) as run:
+    parent = train_run_id(cfg, dataset, model)
+    out = cfg.sweep_dir(dataset, model)
+    with start_run(cfg, "sweep", dataset=dataset, model=model, parent=parent, output=out) as run:
         run.log_params(cfg.flat())
         for k in cfg.eval.ddim_steps_sweep:
             sub = cfg.with_sample(sampler="ddim", steps=k)

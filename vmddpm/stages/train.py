@@ -358,7 +358,7 @@ class Trainer:
                         raise signals.Interrupted(sig)
             path = self.finish()
             if self.main:
-                close_run(run, self.out, path)
+                close_run(run, cfg, self.dataset, self.model, path, self.ema.module)
         return self.out
 
     def _stop_signal(self) -> Any:

@@ -1,14 +1,20 @@
-# Shared set-up: params.yaml validated by the JSON schema (generated from vmddpm/config.py's models),
-# then resolved (scale overlay) by the same typed module the CLI uses, so the workflow never repeats a
-# default, a path layout, a file contract (vmddpm/contracts.py) or the knobs a stage reads
-# (vmddpm.pipeline.STAGE_PARAMS, which dvc.yaml lists too).
+# Shared set-up. Snakemake's `config` is params.yaml (the `configfile:` below) deep-merged with any
+# `--configfile` and `--config` the user gives: every key can be overridden, the matrix (`datasets`,
+# `models`) included. That merged document is checked by the JSON schema (generated from
+# vmddpm/config.py's models), then resolved (scale overlay) and validated by the same typed module the
+# CLI uses, so a bad value is the CLI's one-line error. What differs from params.yaml reaches every job
+# as `vmddpm --set KEY=VALUE`; a job's rerun trigger is only its `knobs` param, the knobs it reads
+# (vmddpm.pipeline.STAGE_PARAMS, which dvc.yaml is generated from).
 import os
+import shlex
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import min_version, validate
 
-from vmddpm.config import ConfigError, load_config
-from vmddpm.pipeline import stage_params
+from vmddpm.config import ConfigError, load_config, read_yaml
+from vmddpm.pipeline import SYNC_MARKER, dvc_yaml_is_current, set_overrides, stage_params
 from vmddpm.contracts import SCALING_BENCHMARK, samples_grid_path, samples_meta_path
 
 min_version("9.0")
@@ -17,19 +23,40 @@ min_version("9.0")
 configfile: "params.yaml"
 
 
-validate(config, "../schemas/params.schema.yaml")
-
 PARAMS = "params.yaml"
-SCALE = config["scale"]  # `--config scale=paper` overrides params.yaml's `scale:`
-try:
-    CFG = load_config(PARAMS, scale=SCALE)
-except ConfigError as e:
-    raise WorkflowError(str(e))
+# The repository root, for the conda environments (envs/*.yaml install it from ${VMDDPM_ROOT}): Snakemake
+# copies them under .snakemake/conda/ before creating them, so they cannot name it by a relative path.
+os.environ["VMDDPM_ROOT"] = str(Path(workflow.basedir).resolve().parent)
 
+
+envvars:
+    "VMDDPM_ROOT",
+
+
+try:  # the typed check first: its errors are one line, naming the key and the nearest valid one
+    CFG = load_config(PARAMS, document=config)
+    OVERRIDES = set_overrides(load_config(PARAMS, scale=CFG.scale), CFG)
+except ConfigError as e:
+    where = PARAMS if config == read_yaml(Path(PARAMS)) else f"{PARAMS} + --config/--configfile"
+    raise WorkflowError(str(e).replace(f"{PARAMS}:", f"{where}:", 1))
+validate(config, "../schemas/params.schema.yaml")  # the workflow catalog's convention; agrees with it
+
+SCALE = CFG.scale
 DATASETS = list(CFG.datasets)
 MODELS = list(CFG.models)
-CLI = f"vmddpm --params {PARAMS} --scale {SCALE}"
+CLI_ARGS = " ".join(["--params", PARAMS, "--scale", SCALE, *(f"--set {shlex.quote(o)}" for o in OVERRIDES)])
+CLI = f"vmddpm {CLI_ARGS}"
+if OVERRIDES:
+    logger.info(f"vmddpm: --config/--configfile override {len(OVERRIDES)} knob(s) of {PARAMS}: " + ", ".join(OVERRIDES))
+if not OVERRIDES and Path(".dvc").is_dir() and (stale := dvc_yaml_is_current(PARAMS)):
+    logger.warning(f"vmddpm: {stale}")
 
+
+def cli(wildcards, output):
+    """The rule's `vmddpm` prefix, with the --config/--configfile overrides. It takes `output` on purpose:
+    Snakemake treats such a param as derived, so it is no rerun trigger; the `knobs` param is (the knobs
+    the job reads), and a change of a knob the job does not read must not rerun it."""
+    return CLI
 
 
 def rel(path):
@@ -65,6 +92,10 @@ def metrics(dataset, model):
     return rel(CFG.metrics_path(dataset, model))
 
 
+def protocol(dataset, model):
+    return rel(CFG.protocol_path(dataset, model))
+
+
 def sweep_json(dataset, model):
     return rel(CFG.sweep_path(dataset, model))
 
@@ -84,11 +115,17 @@ def gpu(n):
     return n if SCALE == "paper" else 0
 
 
-REPORT_OUTPUTS = [
-    rel(CFG.results_dir("tables", name))
-    for name in ("main.md", "main.csv", "ablation.md", "ablation.csv", "summary.json")
-]
+REPORT_TABLES = {
+    name: rel(CFG.results_dir("tables", name))
+    for name in ("main.html", "ablation.html", "main.md", "main.csv", "ablation.md", "ablation.csv")
+}
+CLAIMS = rel(CFG.results_dir("tables", "claims.json"))
+SUMMARY = rel(CFG.results_dir("tables", "summary.json"))
+REPORT_OUTPUTS = [*REPORT_TABLES.values(), CLAIMS, SUMMARY]
 FIGURES = rel(CFG.results_dir("figures"))
 SCALING = rel(CFG.results_dir(*SCALING_BENCHMARK.split("/")))
 REFERENCE = rel(CFG.results_dir("paper", "reference.csv"))
-DVC_DONE = "logs/dvc_commit.done"
+DVC_DONE = SYNC_MARKER
+# dvc.lock records params.yaml's values: with --config/--configfile overrides the outputs were made with
+# other values, so the last rule does not `dvc commit` them (it says so in its log).
+DVC_COMMIT = not OVERRIDES

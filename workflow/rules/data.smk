@@ -2,7 +2,7 @@ rule download:
     output:
         directory(raw("{dataset}")),
     params:
-        cli=CLI,
+        cli=cli,
         knobs=knobs("download"),
     log:
         "logs/download/{dataset}.log",
@@ -13,7 +13,7 @@ rule download:
         mem_mb=2000,
         gpu=0,
     conda:
-        "../../env/cpu.yaml"
+        "../envs/cpu.yaml"
     shell:
         "{params.cli} download --dataset {wildcards.dataset} > {log} 2>&1"
 
@@ -24,7 +24,7 @@ rule prepare:
     output:
         directory(prepared("{dataset}")),
     params:
-        cli=CLI,
+        cli=cli,
         knobs=knobs("prepare"),
     log:
         "logs/prepare/{dataset}.log",
@@ -35,6 +35,6 @@ rule prepare:
         mem_mb=4000,
         gpu=0,
     conda:
-        "../../env/cpu.yaml"
+        "../envs/cpu.yaml"
     shell:
         "{params.cli} prepare --dataset {wildcards.dataset} > {log} 2>&1"

@@ -3,9 +3,10 @@ rule evaluate:
         samples=lambda w: samples_dir(w.dataset, w.model),
         reference=lambda w: prepared(w.dataset),
     output:
-        metrics("{dataset}", "{model}"),
+        metrics=metrics("{dataset}", "{model}"),
+        protocol=protocol("{dataset}", "{model}"),
     params:
-        cli=CLI,
+        cli=cli,
         knobs=knobs("evaluate"),
     log:
         "logs/evaluate/{dataset}/{model}.log",
@@ -16,6 +17,6 @@ rule evaluate:
         mem_mb=4000,
         gpu=lambda w: gpu(1),
     conda:
-        "../../env/eval.yaml"
+        "../envs/eval.yaml"
     shell:
         "{params.cli} evaluate --dataset {wildcards.dataset} --model {wildcards.model} > {log} 2>&1"

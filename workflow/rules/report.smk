@@ -1,19 +1,56 @@
+# The report's tables and figures. In `snakemake --report`, each table is an HTML file (rendered in the
+# report's viewer; Snakemake 9 offers CSV/TSV files as downloads only) with its own caption, the CSV and
+# Markdown twins are listed as data, and the figures are one entry each.
 rule report:
     input:
         metrics=expand(metrics("{dataset}", "{model}"), dataset=DATASETS, model=MODELS),
+        protocols=expand(protocol("{dataset}", "{model}"), dataset=DATASETS, model=MODELS),
         sweeps=expand(sweep_json("{dataset}", "{model}"), dataset=DATASETS, model=MODELS),
         reference=REFERENCE,
         scaling=SCALING,
     output:
-        [report(p, category="Tables", caption="../report/tables.rst") for p in REPORT_OUTPUTS],
-        report(
+        main=report(
+            REPORT_TABLES["main.html"],
+            category="Tables",
+            caption="../report/main.rst",
+            labels={"table": "main results", "format": "HTML"},
+        ),
+        ablation=report(
+            REPORT_TABLES["ablation.html"],
+            category="Tables",
+            caption="../report/ablation.rst",
+            labels={"table": "ablations", "format": "HTML"},
+        ),
+        main_csv=report(
+            REPORT_TABLES["main.csv"],
+            category="Data",
+            caption="../report/main_csv.rst",
+            labels={"table": "main results", "format": "CSV"},
+        ),
+        ablation_csv=report(
+            REPORT_TABLES["ablation.csv"],
+            category="Data",
+            caption="../report/ablation_csv.rst",
+            labels={"table": "ablations", "format": "CSV"},
+        ),
+        main_md=REPORT_TABLES["main.md"],
+        ablation_md=REPORT_TABLES["ablation.md"],
+        claims=CLAIMS,
+        summary=report(
+            SUMMARY,
+            category="Data",
+            caption="../report/summary.rst",
+            labels={"table": "FID and KID per run (DVC metrics)", "format": "JSON"},
+        ),
+        figures=report(
             directory(FIGURES),
             patterns=["{name}.png"],
             category="Figures",
             caption="../report/figures.rst",
+            labels={"figure": "{name}"},
         ),
     params:
-        cli=CLI,
+        cli=cli,
         knobs=knobs("report"),
     log:
         "logs/report.log",
@@ -24,19 +61,23 @@ rule report:
         mem_mb=2000,
         gpu=0,
     conda:
-        "../../env/eval.yaml"
+        "../envs/eval.yaml"
     shell:
         "{params.cli} report > {log} 2>&1"
 
 
 # Last: record every stage's outputs in dvc.lock, so `dvc status` is clean after a Snakemake run and
-# `dvc push` ships data and checkpoints. Skipped (with a note) outside a DVC repository.
+# `dvc push` ships data and checkpoints. Skipped (with a note) outside a DVC repository, and when
+# --config/--configfile changed knobs: dvc.lock would record params.yaml's values for outputs made with
+# others. A stale dvc.lock (dvc.yaml older than params.yaml's matrix) stops it with the fix.
 rule dvc_commit:
     input:
         REPORT_OUTPUTS,
         FIGURES,
     output:
         touch(DVC_DONE),
+    params:
+        commit=DVC_COMMIT,
     log:
         "logs/dvc_commit.log",
     benchmark:
@@ -46,7 +87,9 @@ rule dvc_commit:
         mem_mb=1000,
         gpu=0,
     conda:
-        "../../env/cpu.yaml"
+        "../envs/cpu.yaml"
     shell:
-        "if [ -d .dvc ]; then dvc commit --force --quiet > {log} 2>&1; "
-        "else echo 'not a DVC repository: skipped dvc commit' > {log}; fi"
+        "if [ ! -d .dvc ]; then echo 'not a DVC repository: skipped dvc commit' > {log}; "
+        "elif [ {params.commit} = False ]; then "
+        "echo 'skipped dvc commit: --config/--configfile changed knobs, dvc.lock records params.yaml' > {log}; "
+        "else vmddpm config dvc --check > {log} 2>&1 && dvc commit --force --quiet >> {log} 2>&1; fi"

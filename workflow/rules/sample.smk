@@ -7,7 +7,7 @@ rule sample:
         grid=samples_grid("{dataset}", "{model}"),
         meta=samples_meta("{dataset}", "{model}"),
     params:
-        cli=CLI,
+        cli=cli,
         knobs=knobs("sample"),
     log:
         "logs/sample/{dataset}/{model}.log",
@@ -18,6 +18,6 @@ rule sample:
         mem_mb=3000,
         gpu=lambda w: gpu(1),
     conda:
-        "../../env/cuda.yaml" if SCALE == "paper" else "../../env/cpu.yaml"
+        "../envs/cuda.yaml" if SCALE == "paper" else "../envs/cpu.yaml"
     shell:
         "{params.cli} sample --dataset {wildcards.dataset} --model {wildcards.model} > {log} 2>&1"

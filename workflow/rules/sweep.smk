@@ -10,7 +10,7 @@ rule sweep:
         sweep=sweep_json("{dataset}", "{model}"),
         samples=directory(sweep_dir("{dataset}", "{model}")),
     params:
-        cli=CLI,
+        cli=cli,
         knobs=knobs("sweep"),
     log:
         "logs/sweep/{dataset}/{model}.log",
@@ -21,6 +21,6 @@ rule sweep:
         mem_mb=4000,
         gpu=lambda w: gpu(1),
     conda:
-        "../../env/cuda.yaml" if SCALE == "paper" else "../../env/cpu.yaml"
+        "../envs/cuda.yaml" if SCALE == "paper" else "../envs/cpu.yaml"
     shell:
         "{params.cli} sweep --dataset {wildcards.dataset} --model {wildcards.model} > {log} 2>&1"

@@ -8,11 +8,10 @@ rule train:
     output:
         directory(train_dir("{dataset}", "{model}")),
     params:
-        params=PARAMS,
-        scale=SCALE,
         knobs=knobs("train"),
+        # derived (it takes `resources`), so no rerun trigger; the `knobs` param is
         launcher=lambda w, threads, resources: (
-            f"torchrun --standalone --nproc_per_node {resources.gpu} -m vmddpm" if resources.gpu > 1 else "vmddpm"
+            f"torchrun --standalone --nproc_per_node {resources.gpu} -m {CLI}" if resources.gpu > 1 else CLI
         ),
     log:
         "logs/train/{dataset}/{model}.log",
@@ -24,7 +23,7 @@ rule train:
         gpu=lambda w: gpu(1),
         runtime=lambda w: 2880 if SCALE == "paper" else 30,
     conda:
-        "../../env/cuda.yaml" if SCALE == "paper" else "../../env/cpu.yaml"
+        "../envs/cuda.yaml" if SCALE == "paper" else "../envs/cpu.yaml"
     shell:
-        "{params.launcher} --params {params.params} --scale {params.scale} train"
+        "{params.launcher} train"
         " --dataset {wildcards.dataset} --model {wildcards.model} > {log} 2>&1"
