@@ -184,7 +184,9 @@ def test_empty_dataset_dir_is_a_user_error(make_cfg, cli, tmp_path: Path) -> Non
     proc = cli(*cli_args(), cwd=tmp_path, check=False, env=ONE_THREAD_ENV)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(cfg.prepared_dir(DATASET)) in lines[0] and "vmddpm prepare" in lines[0]
+    assert len(lines) == 1 and str(cfg.prepared_dir(DATASET)) in lines[0]
+    # the suggested command keeps the user's flags: `vmddpm --params ... --set ... prepare --dataset acdc`
+    assert "`vmddpm --set data.image_size=16 " in lines[0] and " prepare --dataset acdc` first" in lines[0]
 
 
 def test_manifest_without_train_rows_is_a_user_error(make_cfg) -> None:
