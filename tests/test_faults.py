@@ -30,6 +30,7 @@ import yaml
 
 from tests.conftest import ONE_THREAD_ENV, ROOT
 from tests.test_workflow import deep_merge
+from vmddpm.contracts import read_record
 
 pytestmark = pytest.mark.slow
 
@@ -375,7 +376,7 @@ def test_samples_of_other_weights_are_redrawn_and_never_evaluated(proj: Path) ->
     assert meta["model_sha256"] == model_sha and meta["checkpoint_step"] == old_meta["checkpoint_step"]
     assert (run / "samples" / "000000.png").read_bytes() != old_png
     cli(proj, "evaluate", "--dataset", DS, "--model", M)
-    assert json.loads((run / "metrics.json").read_text())["model_sha256"] == model_sha
+    assert read_record(run / "metrics.json")["model_sha256"] == model_sha  # protocol.json beside it
 
 
 def test_sampling_with_another_diffusion_process_is_refused(proj: Path) -> None:

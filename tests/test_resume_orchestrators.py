@@ -31,14 +31,13 @@ pytestmark = pytest.mark.slow
 
 DS, M = "acdc", "vmddpm"
 STEPS, EVERY = 30, 5
-TARGET = {"snakemake": f"runs/{DS}/{M}/train", "dvc": f"train@{DS}-{M}"}
+TARGET = {"snakemake": f"runs/{DS}/{M}/train", "dvc": f"train-{M}@{DS}"}
 
 
 def make_repo(dest: Path) -> Path:
     """A fresh copy (the .test sizes) reduced to acdc x vmddpm, trained for STEPS steps."""
     repo = wf.make_fresh_repo(dest)
-    wf.set_param(repo, "datasets", [DS])
-    wf.set_param(repo, "models", [M])
+    wf.narrow(repo, [DS], [M])
     for key, value in (("steps", STEPS), ("checkpoint_every", EVERY), ("log_every", EVERY)):
         wf.set_param(repo, f"scales.demo.train.{key}", value)
     wf.run("git", "commit", "-qam", "acdc x vmddpm", cwd=repo)

@@ -62,8 +62,7 @@ def test_slurm_profile_resumes_a_train_job_ended_by_its_time_limit(tmp_path: Pat
     if missing_tools():
         pytest.skip(f"{', '.join(missing_tools())} missing: `make slurm` installs slurm-wlm + munge")
     repo = wf.make_fresh_repo(tmp_path / "repo")
-    wf.set_param(repo, "datasets", [DS])
-    wf.set_param(repo, "models", [M])
+    wf.narrow(repo, [DS], [M])
     for key, value in (("steps", STEPS), ("checkpoint_every", 200), ("log_every", 200)):
         wf.set_param(repo, f"scales.demo.train.{key}", value)
     wf.run("git", "commit", "-qam", f"acdc x vmddpm, {STEPS} steps", cwd=repo)

@@ -114,6 +114,13 @@ def set_param(repo: Path, dotted: str, value: object) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def narrow(repo: Path, datasets: list[str], models: list[str]) -> None:
+    """Reduce the experiment matrix of a fresh copy and regenerate its dvc.yaml (which follows it)."""
+    set_param(repo, "datasets", datasets)
+    set_param(repo, "models", models)
+    run(str(BIN / "vmddpm"), "config", "dvc", "--write", cwd=repo)
+
+
 def snakemake(
     repo: Path, *args: str, check: bool = True, timeout: float = 900
 ) -> subprocess.CompletedProcess:
