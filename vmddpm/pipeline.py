@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from vmddpm.config import Config, Document, type_adapter
-from vmddpm.contracts import DEFAULT_PARAMS
+from vmddpm.contracts import DEFAULT_PARAMS, SCALES
 
 # ------------------------------------------------------------------------------- the JSON schema
 SCHEMA_FILE = "workflow/schemas/params.schema.yaml"
@@ -54,7 +54,7 @@ def params_schema() -> dict[str, Any]:
         "type": "object",
         "properties": {
             name: {"anyOf": [{"$ref": "#/$defs/PartialDocument"}, {"type": "null"}]}
-            for name in ("demo", "paper")
+            for name in SCALES
         },
         "additionalProperties": False,
     }
