@@ -791,8 +791,8 @@ def _check_semantics(doc: Mapping[str, Any], path: Path, origins: Mapping[str, s
         )
     if doc["train"]["eval_steps"] > doc["diffusion"]["timesteps"]:
         raise ConfigError(
-            f"{at('train.eval_steps', 'diffusion.timesteps')}: train.eval_steps must be <= diffusion.timesteps "
-            f"({doc['diffusion']['timesteps']})"
+            f"{at('train.eval_steps', 'diffusion.timesteps')}: train.eval_steps must be <= "
+            f"diffusion.timesteps ({doc['diffusion']['timesteps']})"
         )
     if doc["sample"]["steps"] > doc["diffusion"]["timesteps"]:
         raise ConfigError(

@@ -7,9 +7,10 @@ Torch-free and pydantic-free on purpose: the Snakemake rules, the CLI and the re
   `SPLITS`, drawn over subjects.
 - **train folder** (train -> sample, sweep, report): `LAST` (full state, resumable), `FINAL` (the weights
   the sample stage reads), `HISTORY` (`HISTORY_FIELDS`, GANs `GAN_HISTORY_FIELDS`), with
-  `train.eval_every` also `EVAL_HISTORY` (`EVAL_HISTORY_FIELDS`) and `EVAL_GRIDS/step_*.png` (report). Beside it, not a stage
-  output (neither Snakemake nor DVC deletes it before or after a job), `CHECKPOINTS/<run key>/`: the
-  last `train.keep_checkpoints` step checkpoints of each set of training knobs, what a rerun resumes.
+  `train.eval_every` also `EVAL_HISTORY` (`EVAL_HISTORY_FIELDS`) and `EVAL_GRIDS/step_*.png` (report).
+  Beside it, not a stage output (neither Snakemake nor DVC deletes it before or after a job),
+  `CHECKPOINTS/<run key>/`: the last `train.keep_checkpoints` step checkpoints of each set of training
+  knobs, what a rerun resumes.
 - **samples** (sample -> evaluate, report, reader study): `<samples>/000000.png ...`, image i drawn from
   `image_seed(sample.seed, i)`; beside the folder `samples_meta_path()` (`SAMPLES_META_FIELDS`, with the
   sha256 of the `FINAL` they came from) and `samples_grid_path()`.

@@ -53,8 +53,7 @@ def params_schema() -> dict[str, Any]:
     root["properties"]["scales"] = {
         "type": "object",
         "properties": {
-            name: {"anyOf": [{"$ref": "#/$defs/PartialDocument"}, {"type": "null"}]}
-            for name in SCALES
+            name: {"anyOf": [{"$ref": "#/$defs/PartialDocument"}, {"type": "null"}]} for name in SCALES
         },
         "additionalProperties": False,
     }
