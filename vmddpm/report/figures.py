@@ -31,7 +31,7 @@ def sample_figure(
     path: Path,
     per_row: int,
     demo: bool,
-    label: str = DEMO_LABEL,
+    demo_label: str = DEMO_LABEL,
     full_title: bool = False,
 ) -> Path:
     """Real training images (the first row) above each model's first generated images: `rows` =
@@ -59,7 +59,7 @@ def sample_figure(
                 ax.text(0.0, 0.5, "no images", fontsize=7, color="0.4", transform=ax.transAxes)
             if j == 0:
                 ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    title(fig, ds if full_title else f"{ds}: real images (top) and samples of each model", demo, label)
+    title(fig, ds if full_title else f"{ds}: real images (top) and samples of each model", demo, demo_label)
     return _save(fig, path)
 
 
@@ -160,10 +160,7 @@ def step_figure(
     tc = cfg.train
     heading = "FID against training step"
     if evals:
-        heading += (
-            f" (during training: {tc.eval_images} EMA samples, DDIM-{tc.eval_steps}, every "
-            f"{tc.eval_every} steps)"
-        )
+        heading += f"\nduring training: {tc.eval_images} samples, DDIM-{tc.eval_steps}"
     return lines_figure(
         cfg,
         data,
@@ -214,7 +211,7 @@ def showcase_samples_figure(
         f"{', '.join(cfg.datasets)}: real images (top) and samples during training "
         "(same seeds per column) and after it"
     )
-    return sample_figure(heading, rows, path, per_row, True, label=scale_label(cfg), full_title=True)
+    return sample_figure(heading, rows, path, per_row, True, demo_label=scale_label(cfg), full_title=True)
 
 
 def showcase_fid_figure(
