@@ -13,6 +13,7 @@ PYTEST_ARGS ?=
 .PHONY: install demo demo-snapshot showcase showcase-snapshot bench-showcase test lint format browser slurm \
 	clean-demo bench bench-gpu
 SHOWCASE_CORES ?= 2
+SHOWCASE_ARGS ?=
 
 install: $(STAMP)
 
@@ -59,7 +60,7 @@ demo-snapshot:
 # thread each). Everything it writes lands under showcase/ (data, runs, results) and logs/showcase/, apart
 # from the demo's; it shares mlflow.db (its runs are tagged scale=showcase).
 showcase: $(STAMP)
-	$(BIN)/snakemake --cores $(SHOWCASE_CORES) --config scale=showcase
+	$(BIN)/snakemake --cores $(SHOWCASE_CORES) --config scale=showcase $(SHOWCASE_ARGS)
 
 # Copy the showcase's figures, tables and evaluation histories into the committed snapshot
 # (results/showcase/; see results/README.md).
