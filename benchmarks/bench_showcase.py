@@ -246,7 +246,8 @@ def main() -> None:
             print(json.dumps(doc, indent=1))
         else:
             write_json(args.out, doc)
-        log.info("wrote %s: %s", args.out, doc["meets"])
+            log.info("wrote %s", args.out)
+        log.info("meets: %s", doc["meets"])
         for name, m in models.items():
             log.info(
                 "%s: FID %s -> %s (ratio %s), %d points, background %s vs real %s",
