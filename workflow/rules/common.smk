@@ -45,6 +45,12 @@ SCALE = CFG.scale
 # demo and paper share data/, runs/, results/ and logs/; the showcase overlay moves data, runs and results
 # to showcase/ (scales.showcase.paths), and its logs go to logs/showcase/: neither clobbers the other.
 LOGS = "logs" if SCALE in ("demo", "paper") else f"logs/{SCALE}"
+
+
+def logs(path):
+    """A log or benchmark file of this scale's run (under LOGS)."""
+    return f"{LOGS}/{path}"
+
 DATASETS = list(CFG.datasets)
 MODELS = list(CFG.models)
 CLI_ARGS = " ".join(["--params", PARAMS, "--scale", SCALE, *(f"--set {shlex.quote(o)}" for o in OVERRIDES)])

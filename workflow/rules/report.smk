@@ -55,9 +55,9 @@ rule report:
         cli=cli,
         knobs=knobs("report"),
     log:
-        LOGS + "/report.log",
+        logs("report.log"),
     benchmark:
-        LOGS + "/benchmarks/report.tsv"
+        logs("benchmarks/report.tsv")
     threads: 1
     resources:
         mem_mb=2000,
@@ -81,9 +81,9 @@ rule dvc_commit:
     params:
         commit=DVC_COMMIT,
     log:
-        LOGS + "/dvc_commit.log",
+        logs("dvc_commit.log"),
     benchmark:
-        LOGS + "/benchmarks/dvc_commit.tsv"
+        logs("benchmarks/dvc_commit.tsv")
     threads: 1
     resources:
         mem_mb=1000,
@@ -104,16 +104,18 @@ if MOVED_RESULTS:
     # writes results elsewhere (showcase): the paper's numbers and the scaling benchmark.
     rule committed_input:
         input:
-            HOME_RESULTS + "/{name}",
+            f"{HOME_RESULTS}/{{name}}",
         output:
-            rel(CFG.results_dir()) + "/{name}",
+            f"{rel(CFG.results_dir())}/{{name}}",
         wildcard_constraints:
             name="paper/reference.csv|benchmarks/scaling.json",
         log:
-            LOGS + "/committed_input/{name}.log",
+            logs("committed_input/{name}.log"),
         threads: 1
         resources:
             mem_mb=100,
             gpu=0,
+        conda:
+            "../envs/cpu.yaml"
         shell:
             "cp {input} {output} 2> {log}"

@@ -14,9 +14,9 @@ rule train:
             f"torchrun --standalone --nproc_per_node {resources.gpu} -m {CLI}" if resources.gpu > 1 else CLI
         ),
     log:
-        LOGS + "/train/{dataset}/{model}.log",
+        logs("train/{dataset}/{model}.log"),
     benchmark:
-        LOGS + "/benchmarks/train/{dataset}/{model}.tsv"
+        logs("benchmarks/train/{dataset}/{model}.tsv")
     threads: 8 if SCALE == "paper" else 1
     resources:
         mem_mb=lambda w: 8000 if SCALE == "paper" else 3000,
