@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmddpm import __version__
-from vmddpm.contracts import DATASETS, DEFAULT_PARAMS
+from vmddpm.contracts import DATASETS, DEFAULT_PARAMS, SCALES
 from vmddpm.errors import UserError
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def _common(top: bool) -> argparse.ArgumentParser:
     p = Parser(add_help=False)
     g = p.add_argument_group("configuration")
     g.add_argument("--params", default=d(DEFAULT_PARAMS), metavar="PATH", help="params.yaml to read")
-    g.add_argument("--scale", choices=("demo", "paper"), default=d(None), help="override `scale:`")
+    g.add_argument("--scale", choices=SCALES, default=d(None), help="override `scale:`")
     g.add_argument(
         "--set",
         dest="overrides" if top else "sub_overrides",  # both kept: see main()

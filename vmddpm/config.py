@@ -37,7 +37,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, Stri
 from pydantic import ValidationError as _ValidationError
 from pydantic.dataclasses import dataclass
 
-from vmddpm.contracts import CHECKPOINTS, DATASETS, DEFAULT_PARAMS, DEMO_LABEL, FAMILIES
+from vmddpm.contracts import CHECKPOINTS, DATASETS, DEFAULT_PARAMS, DEMO_LABEL, FAMILIES, SCALES
 from vmddpm.errors import UserError
 
 __all__ = ["DATASETS", "DEFAULT_PARAMS", "DEMO_LABEL", "FAMILIES", "Config", "ConfigError", "load_config"]
@@ -235,6 +235,9 @@ class TrainConfig:
     keep_checkpoints: Int = _f(min=1)
     sample_every: Int = _f(min=0)
     sample_grid: Int = _f(min=1)
+    eval_every: Int = _f(min=0)
+    eval_images: Int = _f(min=2)
+    eval_steps: Int = _f(min=1)
     log_every: Int = _f(min=1)
     num_workers: Int = _f(min=0)
     device: Literal["auto", "cpu", "cuda"] = _f()
@@ -279,7 +282,7 @@ class TrackingConfig:
 class Document:
     """The shape of params.yaml itself (before the overlay is applied)."""
 
-    scale: Literal["demo", "paper"]
+    scale: Literal["demo", "paper", "showcase"]  # = contracts.SCALES
     seed: Int = _f(min=0)
     cpu_memory: Literal["retain", "release"] = _f()
     datasets: list[Str] = _f(nonempty=True, items={"enum": list(DATASETS)}, uniqueItems=True)
@@ -427,8 +430,8 @@ def load_config(
         doc["scale"] = scale
     _validate(Document, doc, path)
     for name, overlay in doc["scales"].items():
-        if name not in ("demo", "paper"):
-            raise ConfigError(_unknown(path, "scale", f"scales.{name}", ("scales.demo", "scales.paper")))
+        if name not in SCALES:
+            raise ConfigError(_unknown(path, "scale", f"scales.{name}", [f"scales.{s}" for s in SCALES]))
         _validate_partial(Document, doc, overlay or {}, path, f"scales.{name}.")
     if doc["scale"] not in doc["scales"]:
         raise ConfigError(f"{path}: scales.{doc['scale']} is missing; add it (it may be empty: {{}})")
@@ -785,6 +788,11 @@ def _check_semantics(doc: Mapping[str, Any], path: Path, origins: Mapping[str, s
         raise ConfigError(
             f"{at('diffusion.beta_start', 'diffusion.beta_end')}: diffusion.beta_start must be < "
             "diffusion.beta_end"
+        )
+    if doc["train"]["eval_steps"] > doc["diffusion"]["timesteps"]:
+        raise ConfigError(
+            f"{at('train.eval_steps', 'diffusion.timesteps')}: train.eval_steps must be <= "
+            f"diffusion.timesteps ({doc['diffusion']['timesteps']})"
         )
     if doc["sample"]["steps"] > doc["diffusion"]["timesteps"]:
         raise ConfigError(

@@ -5,10 +5,12 @@ Torch-free and pydantic-free on purpose: the Snakemake rules, the CLI and the re
 - **prepared dataset** (prepare -> train, sample, evaluate, sweep, report, reader study):
   `data/prepared/<dataset>/manifest.csv` with `MANIFEST_COLUMNS`, one row per PNG slice; `split` is one of
   `SPLITS`, drawn over subjects.
-- **train folder** (train -> sample, sweep): `LAST` (full state, resumable), `FINAL` (the weights the
-  sample stage reads), `HISTORY` (`HISTORY_FIELDS`, GANs `GAN_HISTORY_FIELDS`). Beside it, not a stage
-  output (neither Snakemake nor DVC deletes it before or after a job), `CHECKPOINTS/<run key>/`: the
-  last `train.keep_checkpoints` step checkpoints of each set of training knobs, what a rerun resumes.
+- **train folder** (train -> sample, sweep, report): `LAST` (full state, resumable), `FINAL` (the weights
+  the sample stage reads), `HISTORY` (`HISTORY_FIELDS`, GANs `GAN_HISTORY_FIELDS`), with
+  `train.eval_every` also `EVAL_HISTORY` (`EVAL_HISTORY_FIELDS`) and `EVAL_GRIDS/step_*.png` (report).
+  Beside it, not a stage output (neither Snakemake nor DVC deletes it before or after a job),
+  `CHECKPOINTS/<run key>/`: the last `train.keep_checkpoints` step checkpoints of each set of training
+  knobs, what a rerun resumes.
 - **samples** (sample -> evaluate, report, reader study): `<samples>/000000.png ...`, image i drawn from
   `image_seed(sample.seed, i)`; beside the folder `samples_meta_path()` (`SAMPLES_META_FIELDS`, with the
   sha256 of the `FINAL` they came from) and `samples_grid_path()`.
@@ -33,6 +35,10 @@ from vmddpm.errors import UserError
 log = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = ("chestxray", "brats2018", "acdc")
+SCALES: tuple[str, ...] = ("demo", "paper", "showcase")
+"""The `scales:` overlays params.yaml may hold (`scale:` picks one): demo (the whole DAG on CPU in minutes),
+paper (the paper's setting, GPU), showcase (two models on one dataset, trained until they visibly learn
+on a laptop-class CPU)."""
 FAMILIES: tuple[str, ...] = ("vmunet", "unet_attn", "dit", "gan")
 DEFAULT_PARAMS = "params.yaml"
 
@@ -97,6 +103,15 @@ LAST = "last.pt"
 FINAL = "model.pt"
 HISTORY = "history.csv"
 HISTORY_FIELDS = ("step", "loss", "lr", "images_per_s")
+EVAL_HISTORY = "eval_history.csv"
+EVAL_HISTORY_FIELDS = ("step", "fid", "kid_mean", "kid_std", "n_images", "sampler_steps", "grid_images")
+"""Diffusion train folders with `train.eval_every` > 0: one row per evaluation during training (at step 0,
+every `eval_every` steps and at the end): FID/KID of `train.eval_images` fixed-seed EMA samples (DDIM,
+`train.eval_steps`) against the evaluate stage's reference set and extractor (`vmddpm.evalkit`). Rewritten
+with `history.csv` at every checkpoint, so it always matches the newest checkpoint."""
+EVAL_GRIDS = "eval"
+"""`eval/step_XXXXXXXX.png` in the train folder: the first `grid_images` samples of each evaluation as one
+grid (`vmddpm.io.write_png_grid`; `read_png_grid` splits it back)."""
 GAN_HISTORY_FIELDS = ("step", "loss", "loss_g", "loss_d", "lr", "images_per_s")
 CHECKPOINTS = "checkpoints"
 """Beside the train folder: `checkpoints/<run key>/step_XXXXXXXX.pt` + `knobs.json` (vmddpm.trainkit)."""

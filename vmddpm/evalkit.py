@@ -10,6 +10,8 @@ and its cached features.
   reuses stale features; the 11 evaluate jobs of a dataset start together: one extracts under a file
   lock, the others wait and read. An empty, truncated or otherwise unreadable cache file is recomputed
   (and rewritten) with a warning naming it.
+- `TrainingEval`: FID/KID of a small generated set during training (`train.eval_every`), with the same
+  extractor and the same cached reference features as the evaluate stage.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from vmddpm.errors import UserError
 from vmddpm.metrics.extractor import Extractor, inception_weights_path
 from vmddpm.metrics.extractor import load_extractor as _load_extractor
 from vmddpm.metrics.features import extract_clean_features, extract_features
-from vmddpm.metrics.fid import real_floor
+from vmddpm.metrics.fid import frechet_distance, kernel_distance, real_floor
 from vmddpm.metrics.images import ImageSet, load_images
 from vmddpm.runtime import resolve_device
 
@@ -159,3 +161,31 @@ def _read_reference_cache(cfg: Config, path: Path, key: str, warn: bool = True) 
         return None
     log.info("reference features from cache %s", path)
     return cached
+
+
+class TrainingEval:
+    """FID and KID of small fixed-seed sample sets while a model trains (`train.eval_every`): the evaluate
+    stage's extractor and reference features (the same cache, so the reference is extracted once for
+    both), so the curve and metrics.json are measured alike (at `train.eval_images` images the FID is
+    biased upwards against the evaluate stage's larger set: compare points of one curve, not across).
+    KID subsets are `eval.kid_subset_size` images, or the whole set when it is smaller."""
+
+    def __init__(self, cfg: Config, dataset: str) -> None:
+        real, _ = reference_set(cfg, dataset)
+        self.cfg = cfg
+        self.ex = load_extractor(cfg)
+        self.ref = reference_features(cfg, real, self.ex, reference_tag(cfg, dataset))["feats"]
+        self.image_shape = tuple(real.pixels.shape[1:])
+
+    def score(self, images: np.ndarray) -> dict[str, float]:
+        """{fid, kid_mean, kid_std} of uint8 (N, H, W) images against the reference set."""
+        if tuple(images.shape[1:]) != self.image_shape:
+            raise UserError(
+                f"generated images are {images.shape[2]}x{images.shape[1]} but the reference set's are "
+                f"{self.image_shape[1]}x{self.image_shape[0]}; prepare the dataset at data.image_size"
+            )
+        ev = self.cfg.eval
+        feats = extract_features(images, self.ex, ev.batch_size, desc="training-eval features")
+        subset = min(ev.kid_subset_size, len(images), len(self.ref))
+        kid_mean, kid_std = kernel_distance(self.ref, feats, subset, ev.kid_subsets, self.cfg.seed)
+        return {"fid": frechet_distance(self.ref, feats), "kid_mean": kid_mean, "kid_std": kid_std}

@@ -143,6 +143,25 @@ def write_png_grid(path: str | Path, images: Any, pad: int = 2) -> Path:
     return write_png(path, grid)
 
 
+def read_png_grid(path: str | Path, size: int, n: int, pad: int = 2) -> Any:
+    """The first `n` (size x size) images of a grid written by `write_png_grid`, as (n, size, size) uint8."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        grid = np.asarray(im.convert("L"))
+    ncol = (grid.shape[1] - pad) // (size + pad)
+    if ncol < 1 or grid.shape[1] != pad + ncol * (size + pad):
+        raise ValueError(f"{path}: a {grid.shape[1]}-pixel-wide grid does not hold {size}-pixel images")
+    out = []
+    for i in range(n):
+        top, left = pad + (i // ncol) * (size + pad), pad + (i % ncol) * (size + pad)
+        if top + size > grid.shape[0]:
+            break
+        out.append(grid[top : top + size, left : left + size])
+    return np.stack(out) if out else np.zeros((0, size, size), np.uint8)
+
+
 _HOST = socket.gethostname().replace(".", "_") or "host"
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from vmddpm.config import Config, Document, type_adapter
-from vmddpm.contracts import DEFAULT_PARAMS
+from vmddpm.contracts import DEFAULT_PARAMS, SCALES
 
 # ------------------------------------------------------------------------------- the JSON schema
 SCHEMA_FILE = "workflow/schemas/params.schema.yaml"
@@ -53,8 +53,7 @@ def params_schema() -> dict[str, Any]:
     root["properties"]["scales"] = {
         "type": "object",
         "properties": {
-            name: {"anyOf": [{"$ref": "#/$defs/PartialDocument"}, {"type": "null"}]}
-            for name in ("demo", "paper")
+            name: {"anyOf": [{"$ref": "#/$defs/PartialDocument"}, {"type": "null"}]} for name in SCALES
         },
         "additionalProperties": False,
     }
@@ -245,9 +244,11 @@ _DVC_HEADER = """\
 # one train stage per preset, because a preset reads only the `model` keys it does not override, so
 # `dvc exp run -S model.sr=zigzag` retrains only the presets whose `sr` comes from `model:`; sample and
 # sweep split diffusion models from GANs (a GAN reads no `diffusion` or DDIM knob). `scale` and the
-# `scales.<name>.<group>` overlays are listed because DVC reads params.yaml unresolved. The last stage,
-# `snakemake-sync`, records what DVC ran in Snakemake's metadata (`snakemake --touch`), so `snakemake -n`
-# agrees with `dvc status` after `dvc repro` / `dvc exp run`. dvc.lock is committed: see the README.
+# `scales.<name>.<group>` overlays are listed because DVC reads params.yaml unresolved (the overlays of
+# the scales that share this DAG: demo and paper; the showcase runs through Snakemake, `make showcase`).
+# The last stage, `snakemake-sync`, records what DVC ran in Snakemake's metadata (`snakemake --touch`),
+# so `snakemake -n` agrees with `dvc status` after `dvc repro` / `dvc exp run`. dvc.lock is committed:
+# see the README.
 # `dvc repro` removes a stage's outs before it runs it, so the step checkpoints a rerun resumes from are
 # not an out: they live beside each train folder in runs/<dataset>/<model>/checkpoints/ (.dvcignore'd,
 # one folder per set of training knobs). Not `persist` either: a rerun with changed knobs must not find
@@ -302,9 +303,24 @@ def _dvc_keys(
     keys = stage_keys(cfg, stage, dataset="\0", model=model)
     out = ["scale", *(k.replace("\0", item["dataset"]) for k in keys)]
     groups = dict.fromkeys(k.split(".")[0] for k in keys)
-    for name, overlay in (doc.get("scales") or {}).items():
-        out += [f"scales.{name}.{g}" for g in groups if g in (overlay or {})]
+    for name in _same_dag_scales(cfg, doc):
+        overlay = doc["scales"][name] or {}
+        out += [f"scales.{name}.{g}" for g in groups if g in overlay]
     return list(dict.fromkeys(out))
+
+
+def _same_dag_scales(cfg: Config, doc: Mapping[str, Any]) -> list[str]:
+    """The scales whose resolved matrix and paths are `cfg`'s: those this dvc.yaml can run at. Another
+    scale's (the showcase's: one dataset, two models, its own folders) is not listed, so editing its
+    overlay reruns no DVC stage; it runs through Snakemake (`make showcase`)."""
+    from vmddpm.config import load_config
+
+    out = []
+    for name in doc.get("scales") or {}:
+        other = load_config(cfg.source, scale=name, document=doc)
+        if (other.datasets, other.models, other.paths) == (cfg.datasets, cfg.models, cfg.paths):
+            out.append(name)
+    return out
 
 
 def _paths(cfg: Config) -> dict[str, str]:

@@ -43,9 +43,10 @@ def note(ax: Any, text: str) -> None:
     ax.set_yticks([])
 
 
-def title(fig: Any, text: str, demo: bool) -> None:
-    """The figure title; with demo numbers, the demo label below it in red."""
-    fig.suptitle(text + (f"\n{DEMO_LABEL.upper()}" if demo else ""), color="darkred" if demo else "black")
+def title(fig: Any, text: str, demo: bool, label: str = DEMO_LABEL) -> None:
+    """The figure title; with demo numbers, the demo label (or another not-comparable `label`, e.g. the
+    showcase's) below it in red."""
+    fig.suptitle(text + (f"\n{label.upper()}" if demo else ""), color="darkred" if demo else "black")
 
 
 def model_colors(models: Sequence[str]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from vmddpm.config import Config
-from vmddpm.contracts import is_comparable
+from vmddpm.contracts import DEMO_LABEL, is_comparable
 from vmddpm.plotting import model_colors, note, pyplot, save, title
 from vmddpm.report.tables import NOT_RUN
 
@@ -31,9 +31,12 @@ def sample_figure(
     path: Path,
     per_row: int,
     demo: bool,
+    demo_label: str = DEMO_LABEL,
+    full_title: bool = False,
 ) -> Path:
     """Real training images (the first row) above each model's first generated images: `rows` =
-    [(label, images)], an image None when unreadable."""
+    [(label, images)], an image None when unreadable. `ds` is the dataset (or, with `full_title`, the
+    whole heading)."""
     plt = pyplot()
     fig, axes = plt.subplots(
         len(rows),
@@ -56,7 +59,7 @@ def sample_figure(
                 ax.text(0.0, 0.5, "no images", fontsize=7, color="0.4", transform=ax.transAxes)
             if j == 0:
                 ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    title(fig, f"{ds}: real images (top) and samples of each model", demo)
+    title(fig, ds if full_title else f"{ds}: real images (top) and samples of each model", demo, demo_label)
     return _save(fig, path)
 
 
@@ -69,6 +72,7 @@ def lines_figure(
     empty_note: str,
     demo: bool,
     logx: bool = False,
+    label: str | None = None,
 ) -> Path:
     """FID against x, one panel per dataset, one line per model."""
     plt = pyplot()
@@ -114,35 +118,136 @@ def lines_figure(
     if handles:
         order = [m for m in cfg.models if m in handles]
         fig.legend([handles[m] for m in order], order, loc="outside right upper", fontsize=7)
-    title(fig, heading, demo)
+    title(fig, heading, demo, *([label] if label else []))
     return _save(fig, path)
 
 
+def scale_label(cfg: Config) -> str:
+    """What a figure of this scale says when its numbers are not comparable to the paper."""
+    if cfg.scale != "showcase":
+        return DEMO_LABEL
+    size = cfg.data.image_size
+    phantoms = all(cfg.dataset(ds).source == "phantom" for ds in cfg.datasets)
+    kind = cfg.diffusion.prediction_type.replace("_", "-")
+    what = [kind, f"{size}²", "phantoms" if phantoms else "real data"]
+    return f"showcase (not comparable to the paper; {', '.join(what)})"
+
+
 def step_figure(
-    cfg: Config, metrics: dict, history: dict[tuple[str, str], list[tuple[int, float]]], path: Path
+    cfg: Config,
+    metrics: dict,
+    history: dict[tuple[str, str], list[tuple[int, float]]],
+    path: Path,
+    evals: dict[tuple[str, str], list[dict[str, float]]] | None = None,
 ) -> Path:
-    """FID against training step: MLflow's evaluate runs (`history`), else each run's metrics.json at
-    its checkpoint step."""
+    """FID against training step: each run's evaluations during training (`evals`, its
+    eval_history.csv), else MLflow's evaluate runs of this scale (`history`), else each run's
+    metrics.json at its checkpoint step. One source per run: the points of one line were measured
+    alike."""
     data: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for (ds, model), pts in history.items():
+    for (ds, model), rows in (evals or {}).items():
         if ds in cfg.datasets and model in cfg.models:
+            data[(ds, model)] = [(float(r["step"]), float(r["fid"])) for r in rows]
+    for (ds, model), pts in history.items():
+        if ds in cfg.datasets and model in cfg.models and (ds, model) not in data:
             data[(ds, model)] = [(float(s), v) for s, v in pts]
     for ds in cfg.datasets:  # runs without tracking: their own metrics.json, at their checkpoint step
         for model in cfg.models:
             m = metrics.get((ds, model))
             if (ds, model) not in data and m and isinstance(m.get("checkpoint_step"), int):
                 data[(ds, model)] = [(float(m["checkpoint_step"]), float(m["fid"]))]
-    demo = any(not is_comparable(m) for m in metrics.values())
+    demo = any(not is_comparable(m) for m in metrics.values()) or cfg.scale == "showcase"
+    tc = cfg.train
+    heading = "FID against training step"
+    if evals:
+        heading += f"\nduring training: {tc.eval_images} samples, DDIM-{tc.eval_steps}"
     return lines_figure(
         cfg,
         data,
         path,
-        "FID against training step",
+        heading,
         "training step",
-        "no evaluation with a known training step yet:\nevery `vmddpm evaluate` adds a point "
-        "(MLflow, step = checkpoint step);\ne.g. `dvc exp run -S scales.demo.train.steps=300`",
+        "no evaluation with a known training step yet:\n`train.eval_every` evaluates during training; "
+        "every `vmddpm evaluate` adds a point too\n(MLflow, step = checkpoint step)",
         demo,
+        label=scale_label(cfg),
     )
+
+
+SHOWCASE_STEPS = 6
+"""Training steps shown per model in the showcase's sample figure (first and last included)."""
+
+
+def _spread(items: Sequence[Any], k: int) -> list[Any]:
+    """`k` items spread evenly over `items`, first and last included."""
+    if len(items) <= k:
+        return list(items)
+    idx = sorted({round(i * (len(items) - 1) / (k - 1)) for i in range(k)})
+    return [items[i] for i in idx]
+
+
+def showcase_samples_figure(
+    cfg: Config,
+    real: Sequence[np.ndarray | None],
+    evals: dict[tuple[str, str], list[dict[str, float]]],
+    grids: dict[tuple[str, str, int], np.ndarray | None],
+    finals: dict[tuple[str, str], tuple[str, Sequence[np.ndarray | None]]],
+    path: Path,
+    per_row: int = 8,
+) -> Path:
+    """Real images above each model's samples at several training steps (the fixed-seed evaluation
+    samples, so a column is one seed throughout) and its final samples (the sample stage)."""
+    rows: list[tuple[str, Sequence[np.ndarray | None]]] = [("real (train)", list(real))]
+    for ds in cfg.datasets:
+        for model in cfg.models:
+            for r in _spread(evals.get((ds, model), []), SHOWCASE_STEPS):
+                imgs = grids.get((ds, model, int(r["step"])))
+                name = f"{model}\nstep {int(r['step'])}, FID {r['fid']:.3g}"
+                rows.append((name, [] if imgs is None else list(imgs)))
+            if (ds, model) in finals:
+                what, imgs = finals[(ds, model)]
+                rows.append((f"{model}\n{what}", imgs))
+    heading = (
+        f"{', '.join(cfg.datasets)}: real images (top) and samples during training "
+        "(same seeds per column) and after it"
+    )
+    return sample_figure(heading, rows, path, per_row, True, demo_label=scale_label(cfg), full_title=True)
+
+
+def showcase_fid_figure(
+    cfg: Config, evals: dict[tuple[str, str], list[dict[str, float]]], path: Path
+) -> Path:
+    """FID and KID against training step for every model of the showcase (its evaluations during
+    training); the legend gives each model's final/step-0 FID ratio."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    colors = model_colors(cfg.models)
+    for (ds, model), rows in sorted(evals.items()):
+        if ds not in cfg.datasets or model not in cfg.models or not rows:
+            continue
+        xs = [r["step"] for r in rows]
+        ratio = rows[-1]["fid"] / rows[0]["fid"] if rows[0]["fid"] else float("nan")
+        name = f"{model} ({ds}): final/step-0 FID {ratio:.2f}"
+        axes[0].plot(xs, [r["fid"] for r in rows], marker="o", color=colors[model], label=name)
+        axes[1].plot(xs, [r["kid_mean"] for r in rows], marker="o", color=colors[model], label=model)
+    for ax, what in zip(axes, ("FID", "KID"), strict=True):
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{what} (random-inception)" if cfg.eval.extractor == "random-inception" else what)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            note(ax, "no evaluation during training (train.eval_every = 0)")
+    tc = cfg.train
+    title(
+        fig,
+        f"FID and KID against training step ({tc.eval_images} EMA samples, DDIM-{tc.eval_steps}, "
+        f"every {tc.eval_every} steps; log scale)",
+        True,
+        scale_label(cfg),
+    )
+    return _save(fig, path)
 
 
 def ddim_figure(cfg: Config, sweeps: dict[tuple[str, str], dict[str, Any]], path: Path) -> Path:

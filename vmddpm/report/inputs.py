@@ -1,7 +1,8 @@
 """What the report reads: every file the pipeline declared for it, and the MLflow store.
 
 Declared inputs (Snakemake rule / DVC stage `report`): each run's metrics.json and ddim_sweep.json, its
-samples (the sample figure), the prepared manifests (real images for the sample figure), the paper's
+train folder (`eval_history.csv` and `eval/` grids: FID against training step), its samples (the sample
+figure), the prepared manifests (real images for the sample figure), the paper's
 numbers (`results/paper/reference.csv`, read, never written) and the scaling benchmark
 (`results/benchmarks/scaling.json`, written by benchmarks/bench_scaling.py, format in
 `vmddpm.contracts`). One input is outside the DAG by design: the MLflow store, whose evaluate runs of
@@ -23,6 +24,8 @@ import numpy as np
 
 from vmddpm.config import Config
 from vmddpm.contracts import (
+    EVAL_GRIDS,
+    EVAL_HISTORY,
     SCALING_BENCHMARK,
     SCALING_X,
     read_record,
@@ -174,8 +177,49 @@ def read_gray(path: Path) -> np.ndarray | None:
         return None
 
 
+def read_eval_history(cfg: Config, ds: str, model: str) -> list[dict[str, float]]:
+    """The rows of a run's `eval_history.csv` (FID/KID during training), [] when absent or unreadable."""
+    path = cfg.train_dir(ds, model) / EVAL_HISTORY
+    if not path.is_file():
+        return []
+    try:
+        with path.open(newline="") as fh:
+            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+        for r in rows:
+            r["step"] = int(r["step"])
+        return sorted(rows, key=lambda r: r["step"])
+    except (OSError, ValueError, KeyError, TypeError, csv.Error) as e:
+        log.warning("%s: unreadable eval history (%s); skipped", path, e)
+        return []
+
+
+def eval_histories(cfg: Config) -> dict[tuple[str, str], list[dict[str, float]]]:
+    """(dataset, model) -> eval_history rows of every configured run that has them."""
+    out = {}
+    for ds in cfg.datasets:
+        for model in cfg.models:
+            if rows := read_eval_history(cfg, ds, model):
+                out[(ds, model)] = rows
+    return out
+
+
+def eval_grid(cfg: Config, ds: str, model: str, step: int, n: int) -> np.ndarray | None:
+    """The first `n` samples of the evaluation at `step` (the train folder's `eval/` grid), or None."""
+    from vmddpm.io import read_png_grid
+
+    path = cfg.train_dir(ds, model) / EVAL_GRIDS / f"step_{step:08d}.png"
+    if not path.is_file():
+        return None
+    try:
+        return read_png_grid(path, cfg.data.image_size, n)
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable eval grid (%s); left blank", path, e)
+        return None
+
+
 def mlflow_fid_history(cfg: Config) -> dict[tuple[str, str], list[tuple[int, float]]]:
-    """(dataset, model) -> [(training step, fid)] from every evaluate run in the MLflow store."""
+    """(dataset, model) -> [(training step, fid)] from every evaluate run of this scale in the MLflow
+    store (a store holds every scale's runs: a demo run must not land on the showcase's curve)."""
     if not cfg.tracking.enabled:
         return {}
     try:
@@ -192,7 +236,9 @@ def mlflow_fid_history(cfg: Config) -> dict[tuple[str, str], list[tuple[int, flo
             return {}
         out: dict[tuple[str, str], dict[int, float]] = {}
         runs = client.search_runs(
-            [exp.experiment_id], filter_string="tags.stage = 'evaluate'", max_results=5000
+            [exp.experiment_id],
+            filter_string=f"tags.stage = 'evaluate' and tags.scale = '{cfg.scale}'",
+            max_results=5000,
         )
         for run in runs:  # newest first: the newest value of a step wins
             key = (run.data.tags.get("dataset"), run.data.tags.get("model"))

@@ -175,6 +175,8 @@ def _train_gan(cfg: Config, dataset: str, model: str, out: Path) -> Path:
         log.info(
             "training %s (%s) on %s: %d steps, device %s", model, preset.gan_loss, dataset, tc.steps, device
         )
+        if tc.eval_every:
+            log.info("train.eval_every: GANs are not evaluated during training (diffusion models only)")
         batches = iter(loader)
         bar = tqdm(total=tc.steps, initial=step, desc=f"train {dataset}/{model}", dynamic_ncols=True)
         t_last, n_since = time.perf_counter(), 0

@@ -51,7 +51,10 @@ def _report(cfg: Config) -> Path:
     for ds in cfg.datasets:
         written.append(_sample_figure(cfg, ds, metrics, figs / f"samples_{ds}.png"))
     history = inputs.mlflow_fid_history(cfg)
-    written.append(figures.step_figure(cfg, metrics, history, figs / "fid_vs_train_step.png"))
+    evals = inputs.eval_histories(cfg)
+    written.append(figures.step_figure(cfg, metrics, history, figs / "fid_vs_train_step.png", evals))
+    if cfg.scale == "showcase":
+        written += _showcase_figures(cfg, evals, figs)
     written.append(figures.ddim_figure(cfg, inputs.read_sweeps(cfg), figs / "fid_vs_ddim_steps.png"))
     doc = inputs.read_scaling(cfg)
     panels = [
@@ -77,6 +80,30 @@ def _report(cfg: Config) -> Path:
         figs,
     )
     return out
+
+
+def _showcase_figures(cfg: Config, evals: dict, figs: Path) -> list[Path]:
+    """The showcase's two figures: samples at several training steps beside real images, and FID/KID
+    against training step (both from the train folders' evaluations during training)."""
+    n = SAMPLES_PER_ROW
+    real = [inputs.read_gray(f) for ds in cfg.datasets for f in inputs.real_files(cfg, ds)[:n]][:n]
+    grids = {
+        (ds, model, int(r["step"])): inputs.eval_grid(cfg, ds, model, int(r["step"]), n)
+        for (ds, model), rows in evals.items()
+        for r in rows
+    }
+    finals = {}
+    for ds in cfg.datasets:
+        for model in cfg.models:
+            files = inputs.sample_files(cfg, ds, model, n)
+            if files:
+                sc = cfg.sample
+                what = f"final samples ({sc.sampler.upper()}-{sc.steps}, step {cfg.train.steps})"
+                finals[(ds, model)] = (what, [inputs.read_gray(f) for f in files])
+    return [
+        figures.showcase_samples_figure(cfg, real, evals, grids, finals, figs / "showcase_samples.png", n),
+        figures.showcase_fid_figure(cfg, evals, figs / "showcase_fid.png"),
+    ]
 
 
 def _sample_figure(cfg: Config, ds: str, metrics: dict, path: Path) -> Path:

@@ -13,6 +13,13 @@ train stage as a whole folder; names in `vmddpm.contracts`):
 - `history.csv` step, loss, lr, images_per_s every `train.log_every` steps (rewritten at each checkpoint,
                 so it always matches the newest checkpoint).
 - `grids/step_XXXXXXXX.png` EMA sample grids every `train.sample_every` steps (0 = never).
+- `eval_history.csv` (with `train.eval_every` > 0) step, fid, kid_mean, kid_std, ... of
+                `train.eval_images` fixed-seed EMA samples (DDIM, `train.eval_steps`) at step 0, every
+                `train.eval_every` steps and at the end, against the evaluate stage's reference set and
+                extractor (`vmddpm.evalkit.TrainingEval`); also MLflow metrics `eval_fid`, `eval_kid`
+                at the training step. Kept in every checkpoint and rewritten with `history.csv`, so a
+                resumed run neither loses nor repeats a point. `eval/step_XXXXXXXX.png`: the first
+                samples of each evaluation (restored from the checkpoint on resume).
 
 Beside it, `checkpoints/<run key>/step_XXXXXXXX.pt` (`vmddpm.trainkit.Checkpoints`): the same full state
 every `train.checkpoint_every` steps, at a SIGINT/SIGTERM and at the end, the last
@@ -60,7 +67,7 @@ from tqdm.auto import tqdm
 
 from vmddpm import __version__, cpu_memory, signals
 from vmddpm.config import Config
-from vmddpm.contracts import FINAL, HISTORY, image_seed
+from vmddpm.contracts import EVAL_GRIDS, EVAL_HISTORY, EVAL_HISTORY_FIELDS, FINAL, HISTORY, image_seed
 from vmddpm.errors import UserError
 from vmddpm.io import output_lock, write_png_grid
 from vmddpm.runtime import (
@@ -88,6 +95,7 @@ from vmddpm.trainkit import (
     open_checkpoints,
     prepare_outputs,
     require_prepared,
+    restore_rng_state,
     resume,
     save_final,
     update_ema,
@@ -95,6 +103,9 @@ from vmddpm.trainkit import (
 )
 
 log = logging.getLogger(__name__)
+
+EVAL_GRID_MAX = 16
+"""Samples of each training-time evaluation kept as its grid (and in the checkpoint)."""
 
 
 def train(cfg: Config, dataset: str, model: str) -> Path:
@@ -178,6 +189,9 @@ class Trainer:
     backend: str
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    eval_history: list[dict[str, float]] = field(default_factory=list)
+    eval_grids: dict[int, torch.Tensor] = field(default_factory=dict)
+    evaluator: Any = None
     sampler: EpochSampler | None = None
     loader: Any = None
     ddp: nn.Module | None = None
@@ -276,6 +290,11 @@ class Trainer:
         if state is None:
             torch.manual_seed(self.cfg.seed + self.rank)  # per-rank dropout stream
             return
+        self.eval_history = [dict(r) for r in state.get("eval_history", [])]
+        self.eval_grids = {int(k): v for k, v in state.get("eval_grids", {}).items()}
+        if self.main:  # the folder may have been deleted by an orchestrator: the grids come back too
+            for step, images in self.eval_grids.items():
+                write_png_grid(self._eval_grid_path(step), images.numpy())
         if state["sampler"]["world"] != self.world and self.main:
             log.warning(
                 "%s: resumed with %d ranks, written with %d; data order differs",
@@ -323,6 +342,11 @@ class Trainer:
                     self.world,
                     self.backend,
                 )
+            if self.main and self.eval_history:  # a resumed run's series starts with the points it kept
+                for row in self.eval_history:
+                    run.log_metrics(_eval_metrics(row), step=int(row["step"]))
+            if tc.eval_every and self.step == 0:
+                self.evaluate_progress(run)  # the untrained model: the curve's first point
             batches = iter(self.loader)
             bar = tqdm(
                 total=tc.steps,
@@ -348,6 +372,8 @@ class Trainer:
                         self.log_step(run, bar, loss, lr, meter)
                     if tc.sample_every and self.step % tc.sample_every == 0 and self.main:
                         run.log_artifact(self.sample_grid(), "grids")
+                    if tc.eval_every and (self.step % tc.eval_every == 0 or self.step == tc.steps):
+                        self.evaluate_progress(run)
                     if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
                         self.checkpoint()
                     if (sig := self._stop_signal()) is not None:
@@ -357,6 +383,8 @@ class Trainer:
                             log.warning("stopped by %s at step %d; checkpoint written", sig.name, self.step)
                         raise signals.Interrupted(sig)
             path = self.finish()
+            if self.main and (self.out / EVAL_HISTORY).is_file():
+                run.log_artifact(self.out / EVAL_HISTORY)
             if self.main:
                 close_run(run, cfg, self.dataset, self.model, path, self.ema.module)
         return self.out
@@ -431,6 +459,71 @@ class Trainer:
         net.train()
         return write_png_grid(path, to_uint8(imgs))
 
+    def _eval_grid_path(self, step: int) -> Path:
+        return self.out / EVAL_GRIDS / f"step_{step:08d}.png"
+
+    def evaluate_progress(self, run: Any) -> None:
+        """FID/KID of `train.eval_images` fixed-seed EMA samples (DDIM, `train.eval_steps`) at this step:
+        a row of `eval_history`, MLflow's `eval_fid`/`eval_kid` at the step, and a grid of the first
+        samples. Rank 0 only; the global RNG states are restored afterwards, so evaluating never changes
+        what training draws next (the weights are those of a run without it)."""
+        if not self.main or any(int(r["step"]) == self.step for r in self.eval_history):
+            return
+        from vmddpm.evalkit import TrainingEval
+        from vmddpm.generation import to_uint8
+
+        cfg, tc = self.cfg, self.cfg.train
+        t0 = time.perf_counter()
+        rng = capture_rng_state()
+        try:
+            if self.evaluator is None:
+                self.evaluator = TrainingEval(cfg, self.dataset)
+            net, size = self.ema.module, cfg.data.image_size
+            seeds = [image_seed(cfg.sample.seed, i) for i in range(tc.eval_images)]
+            net.eval()
+            with torch.no_grad():
+                imgs = self.diffusion.sample(
+                    net,
+                    (1, size, size),
+                    seeds,
+                    "ddim",
+                    tc.eval_steps,
+                    0.0,
+                    device=self.device,
+                    batch_size=min(tc.eval_images, cfg.sample.batch_size),
+                )
+            net.train()
+            images = to_uint8(imgs)
+            scores = self.evaluator.score(images)
+        finally:
+            restore_rng_state(rng)
+        k = min(len(images), EVAL_GRID_MAX)
+        self.eval_grids[self.step] = torch.from_numpy(images[:k].copy())
+        write_png_grid(self._eval_grid_path(self.step), images[:k])
+        row = {
+            "step": self.step,
+            **scores,
+            "n_images": len(images),
+            "sampler_steps": tc.eval_steps,
+            "grid_images": k,
+        }
+        self.eval_history.append(row)
+        run.log_metrics(_eval_metrics(row), step=self.step)
+        log.info(
+            "eval at step %d: FID %.4g, KID %.4g (%d DDIM-%d samples, %.1f s)",
+            self.step,
+            row["fid"],
+            row["kid_mean"],
+            len(images),
+            tc.eval_steps,
+            time.perf_counter() - t0,
+        )
+
+    def write_histories(self) -> None:
+        write_history(self.out / HISTORY, self.history)
+        if self.cfg.train.eval_every or self.eval_history:
+            write_history(self.out / EVAL_HISTORY, self.eval_history, EVAL_HISTORY_FIELDS)
+
     # -- files ---------------------------------------------------------------------------------------
     def full_state(self) -> dict[str, Any]:
         """Everything `last.pt` holds (a collective under DDP: every rank calls it)."""
@@ -455,6 +548,8 @@ class Trainer:
             "version": __version__,
             "scan_backend": self.backend,
             "history": self.history,
+            "eval_history": self.eval_history,
+            "eval_grids": self.eval_grids,
         }
 
     def checkpoint(self) -> Path:
@@ -463,7 +558,7 @@ class Trainer:
         path = self.ckpts.folder
         if self.main:
             path = self.ckpts.save(state)
-            write_history(self.out / HISTORY, self.history)
+            self.write_histories()
             log.debug("checkpoint at step %d: %s", self.step, path)
         if self.distributed:
             dist.barrier()
@@ -492,11 +587,15 @@ class Trainer:
                 "rank_hashes": hashes,
             }
             save_final(self.out, self.ckpts, full, final)
-            write_history(self.out / HISTORY, self.history)
+            self.write_histories()
             log.info("trained to step %d: %s", self.step, self.out / FINAL)
         if self.distributed:
             dist.barrier()
         return self.out / FINAL
+
+
+def _eval_metrics(row: dict[str, float]) -> dict[str, float]:
+    return {"eval_fid": row["fid"], "eval_kid": row["kid_mean"], "eval_kid_std": row["kid_std"]}
 
 
 class _Throughput:

@@ -42,6 +42,15 @@ except ConfigError as e:
 validate(config, "../schemas/params.schema.yaml")  # the workflow catalog's convention; agrees with it
 
 SCALE = CFG.scale
+# demo and paper share data/, runs/, results/ and logs/; the showcase overlay moves data, runs and results
+# to showcase/ (scales.showcase.paths), and its logs go to logs/showcase/: neither clobbers the other.
+LOGS = "logs" if SCALE in ("demo", "paper") else f"logs/{SCALE}"
+
+
+def logs(path):
+    """A log or benchmark file of this scale's run (under LOGS)."""
+    return f"{LOGS}/{path}"
+
 DATASETS = list(CFG.datasets)
 MODELS = list(CFG.models)
 CLI_ARGS = " ".join(["--params", PARAMS, "--scale", SCALE, *(f"--set {shlex.quote(o)}" for o in OVERRIDES)])
@@ -115,6 +124,10 @@ def gpu(n):
     return n if SCALE == "paper" else 0
 
 
+TRAIN_MINUTES = {"paper": 2880, "showcase": 120}.get(SCALE, 30)
+"""A train job's time limit on a cluster (minutes): the showcase trains ~40 min on one core."""
+
+
 REPORT_TABLES = {
     name: rel(CFG.results_dir("tables", name))
     for name in ("main.html", "ablation.html", "main.md", "main.csv", "ablation.md", "ablation.csv")
@@ -125,7 +138,13 @@ REPORT_OUTPUTS = [*REPORT_TABLES.values(), CLAIMS, SUMMARY]
 FIGURES = rel(CFG.results_dir("figures"))
 SCALING = rel(CFG.results_dir(*SCALING_BENCHMARK.split("/")))
 REFERENCE = rel(CFG.results_dir("paper", "reference.csv"))
-DVC_DONE = SYNC_MARKER
-# dvc.lock records params.yaml's values: with --config/--configfile overrides the outputs were made with
-# other values, so the last rule does not `dvc commit` them (it says so in its log).
-DVC_COMMIT = not OVERRIDES
+DVC_DONE = SYNC_MARKER if LOGS == "logs" else f"{LOGS}/dvc_commit.done"
+# dvc.lock records params.yaml's values: with --config/--configfile overrides, or at another scale than
+# params.yaml's `scale:` (e.g. `--config scale=showcase`), the outputs were made with other values, so the
+# last rule does not `dvc commit` them (it says so in its log).
+PARAMS_SCALE = read_yaml(Path(PARAMS)).get("scale")
+DVC_COMMIT = not OVERRIDES and SCALE == PARAMS_SCALE
+# The report's committed inputs (the paper's numbers, the scaling benchmark) live under params.yaml's
+# top-level paths.results (results/); a scale whose overlay moves paths.results (showcase) reads copies.
+HOME_RESULTS = rel(CFG.root / config["paths"]["results"])
+MOVED_RESULTS = rel(CFG.results_dir()) != HOME_RESULTS

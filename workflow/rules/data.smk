@@ -5,9 +5,9 @@ rule download:
         cli=cli,
         knobs=knobs("download"),
     log:
-        "logs/download/{dataset}.log",
+        logs("download/{dataset}.log"),
     benchmark:
-        "logs/benchmarks/download/{dataset}.tsv"
+        logs("benchmarks/download/{dataset}.tsv")
     threads: 1
     resources:
         mem_mb=2000,
@@ -27,9 +27,9 @@ rule prepare:
         cli=cli,
         knobs=knobs("prepare"),
     log:
-        "logs/prepare/{dataset}.log",
+        logs("prepare/{dataset}.log"),
     benchmark:
-        "logs/benchmarks/prepare/{dataset}.tsv"
+        logs("benchmarks/prepare/{dataset}.tsv")
     threads: 1
     resources:
         mem_mb=4000,

@@ -9,9 +9,9 @@ rule evaluate:
         cli=cli,
         knobs=knobs("evaluate"),
     log:
-        "logs/evaluate/{dataset}/{model}.log",
+        logs("evaluate/{dataset}/{model}.log"),
     benchmark:
-        "logs/benchmarks/evaluate/{dataset}/{model}.tsv"
+        logs("benchmarks/evaluate/{dataset}/{model}.tsv")
     threads: 8 if SCALE == "paper" else 1
     resources:
         mem_mb=4000,

@@ -6,6 +6,8 @@ rule report:
         metrics=expand(metrics("{dataset}", "{model}"), dataset=DATASETS, model=MODELS),
         protocols=expand(protocol("{dataset}", "{model}"), dataset=DATASETS, model=MODELS),
         sweeps=expand(sweep_json("{dataset}", "{model}"), dataset=DATASETS, model=MODELS),
+        # eval_history.csv and eval/ (FID against training step, the showcase figures)
+        trains=expand(train_dir("{dataset}", "{model}"), dataset=DATASETS, model=MODELS),
         reference=REFERENCE,
         scaling=SCALING,
     output:
@@ -53,9 +55,9 @@ rule report:
         cli=cli,
         knobs=knobs("report"),
     log:
-        "logs/report.log",
+        logs("report.log"),
     benchmark:
-        "logs/benchmarks/report.tsv"
+        logs("benchmarks/report.tsv")
     threads: 1
     resources:
         mem_mb=2000,
@@ -79,9 +81,9 @@ rule dvc_commit:
     params:
         commit=DVC_COMMIT,
     log:
-        "logs/dvc_commit.log",
+        logs("dvc_commit.log"),
     benchmark:
-        "logs/benchmarks/dvc_commit.tsv"
+        logs("benchmarks/dvc_commit.tsv")
     threads: 1
     resources:
         mem_mb=1000,
@@ -91,5 +93,29 @@ rule dvc_commit:
     shell:
         "if [ ! -d .dvc ]; then echo 'not a DVC repository: skipped dvc commit' > {log}; "
         "elif [ {params.commit} = False ]; then "
-        "echo 'skipped dvc commit: --config/--configfile changed knobs, dvc.lock records params.yaml' > {log}; "
+        "echo 'skipped dvc commit: --config/--configfile changed knobs or the scale, dvc.lock records "
+        "params.yaml' > {log}; "
         "else vmddpm config dvc --check > {log} 2>&1 && dvc commit --force --quiet >> {log} 2>&1; fi"
+
+
+if MOVED_RESULTS:
+
+    # The committed inputs of the report, copied from the repository's results/ when the scale's overlay
+    # writes results elsewhere (showcase): the paper's numbers and the scaling benchmark.
+    rule committed_input:
+        input:
+            f"{HOME_RESULTS}/{{name}}",
+        output:
+            f"{rel(CFG.results_dir())}/{{name}}",
+        wildcard_constraints:
+            name="paper/reference.csv|benchmarks/scaling.json",
+        log:
+            logs("committed_input/{name}.log"),
+        threads: 1
+        resources:
+            mem_mb=100,
+            gpu=0,
+        conda:
+            "../envs/cpu.yaml"
+        shell:
+            "cp {input} {output} 2> {log}"

@@ -10,9 +10,9 @@ rule sample:
         cli=cli,
         knobs=knobs("sample"),
     log:
-        "logs/sample/{dataset}/{model}.log",
+        logs("sample/{dataset}/{model}.log"),
     benchmark:
-        "logs/benchmarks/sample/{dataset}/{model}.tsv"
+        logs("benchmarks/sample/{dataset}/{model}.tsv")
     threads: 8 if SCALE == "paper" else 1
     resources:
         mem_mb=3000,

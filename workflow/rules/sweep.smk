@@ -13,9 +13,9 @@ rule sweep:
         cli=cli,
         knobs=knobs("sweep"),
     log:
-        "logs/sweep/{dataset}/{model}.log",
+        logs("sweep/{dataset}/{model}.log"),
     benchmark:
-        "logs/benchmarks/sweep/{dataset}/{model}.tsv"
+        logs("benchmarks/sweep/{dataset}/{model}.tsv")
     threads: 8 if SCALE == "paper" else 1
     resources:
         mem_mb=4000,

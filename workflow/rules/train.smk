@@ -14,14 +14,14 @@ rule train:
             f"torchrun --standalone --nproc_per_node {resources.gpu} -m {CLI}" if resources.gpu > 1 else CLI
         ),
     log:
-        "logs/train/{dataset}/{model}.log",
+        logs("train/{dataset}/{model}.log"),
     benchmark:
-        "logs/benchmarks/train/{dataset}/{model}.tsv"
+        logs("benchmarks/train/{dataset}/{model}.tsv")
     threads: 8 if SCALE == "paper" else 1
     resources:
         mem_mb=lambda w: 8000 if SCALE == "paper" else 3000,
         gpu=lambda w: gpu(1),
-        runtime=lambda w: 2880 if SCALE == "paper" else 30,
+        runtime=lambda w: TRAIN_MINUTES,
     conda:
         "../envs/cuda.yaml" if SCALE == "paper" else "../envs/cpu.yaml"
     shell:
