@@ -263,6 +263,7 @@ def ddim_figure(cfg: Config, sweeps: dict[tuple[str, str], dict[str, Any]], path
         "no DDIM sweep run:\n`vmddpm sweep --dataset D --model M`",
         demo,
         logx=True,
+        label=scale_label(cfg),
     )
 
 
@@ -356,5 +357,5 @@ def overview_figure(cfg: Config, rows: Sequence[dict[str, Any]], path: Path) -> 
         elif paper is not None:
             text = "paper value not drawn:\nthese numbers are not comparable"
             ax.text(0.02, 0.98, text, transform=ax.transAxes, va="top", fontsize=7, color="darkred")
-    title(fig, "FID per dataset and model (lower is better)", demo)
+    title(fig, "FID per dataset and model (lower is better)", demo, scale_label(cfg))
     return _save(fig, path)

@@ -114,4 +114,4 @@ def _sample_figure(cfg: Config, ds: str, metrics: dict, path: Path) -> Path:
         label = model + (f"\nFID {m['fid']:.3g}" if m else "\nnot run")
         rows.append((label, [inputs.read_gray(f) for f in inputs.sample_files(cfg, ds, model, n)]))
     demo = any(not is_comparable(m) for (d, _), m in metrics.items() if d == ds)
-    return figures.sample_figure(ds, rows, path, n, demo)
+    return figures.sample_figure(ds, rows, path, n, demo, demo_label=figures.scale_label(cfg))
