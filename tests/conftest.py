@@ -97,11 +97,13 @@ def kill_and_resume(
     prepare: Callable[[Path], object],
     train_dir: str,
     max_step: int,
+    remove_output: bool = False,
 ) -> tuple[Path, Path]:
     """Train `vmddpm ARGS` twice in two fresh project folders (a copy of params.yaml, `prepare(root)`
     writes the data): once straight through, once SIGKILLed as soon as its first step checkpoint exists
     (`checkpoints/<run key>/` beside the train folder) and then rerun to resume. Returns the two train
-    folders (straight, resumed) for the caller to compare."""
+    folders (straight, resumed) for the caller to compare. `remove_output`: delete the killed run's train
+    folder before the rerun, as Snakemake does to a failed job's output."""
     from vmddpm.trainkit import load_checkpoint
 
     roots = {}
@@ -129,5 +131,7 @@ def kill_and_resume(
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "model.pt").exists()
     assert 0 < load_checkpoint(step_files(killed)[-1])["step"] < max_step
+    if remove_output:
+        shutil.rmtree(killed)
     run_cli(*args, cwd=roots["killed"], env=ONE_THREAD_ENV)
     return roots["straight"] / train_dir, killed

@@ -6,19 +6,14 @@ schedules only the showcase's jobs."""
 from __future__ import annotations
 
 import csv
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ONE_THREAD_ENV, TINY, run_cli, step_files
+from tests.conftest import TINY, kill_and_resume
 from tests.test_train import DATASET, MODEL, write_prepared
 from vmddpm.contracts import EVAL_GRIDS, EVAL_HISTORY, EVAL_HISTORY_FIELDS
 from vmddpm.io import read_png_grid, write_png_grid
@@ -106,34 +101,14 @@ def test_killed_and_resumed_run_keeps_the_eval_history(tmp_path: Path) -> None:
     args = ["train", "--dataset", DATASET, "--model", MODEL]
     for item in (*TINY, "train.steps=8", "train.checkpoint_every=2", "train.deterministic=true", *EVAL):
         args += ["--set", item]
-    train_rel = f"runs/{DATASET}/{MODEL}/train"
-    roots = {}
-    for name in ("straight", "killed"):
-        root = tmp_path / name
-        root.mkdir()
-        shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-        write_prepared(root / "data" / "prepared" / DATASET)
-        roots[name] = root
-    run_cli(*args, cwd=roots["straight"], env=ONE_THREAD_ENV)
-
-    killed = roots["killed"] / train_rel
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vmddpm", *args],
-        cwd=roots["killed"],
-        env={**os.environ, **ONE_THREAD_ENV},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    straight, killed = kill_and_resume(
+        tmp_path,
+        args,
+        lambda root: write_prepared(root / "data" / "prepared" / DATASET),
+        f"runs/{DATASET}/{MODEL}/train",
+        max_step=8,
+        remove_output=True,  # what Snakemake does to a failed job's output
     )
-    deadline = time.time() + 300
-    while not step_files(killed) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    shutil.rmtree(killed)  # what Snakemake does to a failed job's output
-    run_cli(*args, cwd=roots["killed"], env=ONE_THREAD_ENV)
-
-    straight = roots["straight"] / train_rel
     a, b = _rows(straight / EVAL_HISTORY), _rows(killed / EVAL_HISTORY)
     assert [int(r["step"]) for r in b] == [0, 2, 4, 6, 8]
     assert a == b
