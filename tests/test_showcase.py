@@ -61,7 +61,7 @@ def test_showcase_scale_narrows_the_matrix_and_keeps_its_outputs_apart(make_cfg,
 # --------------------------------------------------------------------------------- eval in training
 def test_eval_during_training_writes_history_and_mlflow_series(make_cfg) -> None:
     """Steps 0, 2, 4 (start, every eval_every, end) in eval_history.csv, eval/ grids, the MLflow run's
-    `eval_fid` series and the checkpoint; the weights and the run key are those of a run without it."""
+    `eval_fid` series and the checkpoint; the weights are those of a run without it, the run key is not."""
     from mlflow.tracking import MlflowClient
 
     from vmddpm.stages.train import train
@@ -87,12 +87,15 @@ def test_eval_during_training_writes_history_and_mlflow_series(make_cfg) -> None
     assert sorted(m.step for m in series) == [0, 2, 4]
     assert {m.step: m.value for m in series}[4] == pytest.approx(float(rows[-1]["fid"]))
 
-    plain = make_cfg(*TINY, *steps, "paths.runs=runs_plain")  # no evaluation, no tracking
+    plain = make_cfg(*TINY, *steps, "paths.runs=runs_plain", "train.eval_every=0")  # no eval, no tracking
     out_plain = train(plain, DATASET, MODEL)
     assert not (out_plain / EVAL_HISTORY).exists()
     assert _weights(out_plain / "model.pt") == _weights(out / "model.pt")
+    # ... but not its run key: the eval knobs are part of it, so a finished run whose eval settings change
+    # trains again from step 0 (its history needs the weights of every step it scores), never a run that
+    # resumes at its end with an empty history
     key = load_checkpoint(out / "model.pt")["run_key"]
-    assert load_checkpoint(out_plain / "model.pt")["run_key"] == key
+    assert load_checkpoint(out_plain / "model.pt")["run_key"] != key
 
 
 def test_killed_and_resumed_run_keeps_the_eval_history(tmp_path: Path) -> None:
