@@ -28,7 +28,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ONE_THREAD_ENV, ROOT
+from tests.conftest import ONE_THREAD_ENV, ROOT, run_cli
 from tests.test_workflow import deep_merge
 from vmddpm.contracts import read_record
 
@@ -90,17 +90,7 @@ OVERRIDES = {
 
 # --------------------------------------------------------------------------------------------- helpers
 def cli(proj: Path, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "vmddpm", *args],
-        cwd=proj,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **ONE_THREAD_ENV},
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"vmddpm {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return proc
+    return run_cli(*args, cwd=proj, check=check, timeout=timeout, env=ONE_THREAD_ENV)
 
 
 def popen(proj: Path, *args: str) -> subprocess.Popen:
