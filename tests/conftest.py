@@ -67,6 +67,25 @@ def cli() -> Callable[..., subprocess.CompletedProcess]:
     return run_cli
 
 
+# A shell starts a background job of a script (`make test &`, `nohup make test &`, a CI step's `cmd &`)
+# with SIGINT ignored, and an ignored signal stays ignored across fork and exec: pytest, and every
+# process it starts, inherit it. `vmddpm` keeps an inherited SIG_IGN (as Python does; vmddpm.signals),
+# so a test's SIGINT would be lost and the training would run to its end. Every command a test signals
+# therefore starts through this launcher, which puts SIGINT and SIGTERM back to their defaults and
+# execs the command (same pid, so `send_signal` and `killpg` reach it).
+_DEFAULT_SIGNALS = (
+    "import os, signal, sys\n"
+    "for s in (signal.SIGINT, signal.SIGTERM):\n"
+    "    signal.signal(s, signal.SIG_DFL)\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
+def signalable(cmd: Sequence[str]) -> list[str]:
+    """`cmd` started with SIGINT and SIGTERM at their defaults, whatever the test process inherited."""
+    return [sys.executable, "-c", _DEFAULT_SIGNALS, *map(str, cmd)]
+
+
 # One CPU thread: fast on a shared machine, and the same float reduction order in every process.
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 

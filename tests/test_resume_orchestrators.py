@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from tests import test_workflow as wf
-from tests.conftest import ONE_THREAD_ENV
+from tests.conftest import ONE_THREAD_ENV, signalable
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,7 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor
 def test_killed_train_job_resumes_bit_identically(tool: str, sig: int, straight, tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "repo")
     proc = subprocess.Popen(
-        command(tool),
+        signalable(command(tool)),  # SIGINT reaches it even when pytest was started ignoring it
         cwd=repo,
         env=env(),
         stdout=subprocess.PIPE,

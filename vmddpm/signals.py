@@ -14,6 +14,12 @@ So `install()` (the CLI calls it) gives both signals one handler:
   `Interrupted` when it ends, or the code inside polls `stop_requested()` and stops at a point of its
   choosing (the trainer writes a checkpoint of the step it finished first);
 - a second signal while one is pending raises at once, deferred or not (the user insists).
+
+A signal the process started with ignored stays ignored, as Python itself does for SIGINT: a shell
+without job control (a script's `cmd &`, so also `make test > log &`) starts its background jobs with
+SIGINT ignored, and every process under them inherits that across fork and exec. Such a run stops on
+SIGTERM only; a test that sends SIGINT starts its process with the default disposition
+(tests/conftest.py `signalable`).
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ def install() -> None:
         return
     for sig in HANDLED:
         if signal.getsignal(sig) is signal.SIG_IGN:
-            continue  # started ignoring it (nohup, a background job): keep ignoring it
+            continue  # inherited ignored (a script's background job): keep ignoring it
         signal.signal(sig, _handler)
 
 
