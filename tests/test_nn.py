@@ -171,6 +171,24 @@ def test_ss2d_fused_cpu_op_equals_the_module_path(sr: str, hw: tuple[int, int], 
         torch.testing.assert_close(g, parts_m[name], rtol=tol["rtol"], atol=tol["atol"] * scale, msg=name)
 
 
+def test_ss2d_fused_op_without_autograd_keeps_nothing_and_gives_the_same_output() -> None:
+    """Sampling runs under no_grad; a user's code may run under inference_mode (whose tensors cannot
+    be saved for a backward, the cached scan table included): both take the op's plain forward and
+    give the training forward's output, for a channel-first and a channels_last input."""
+    torch.manual_seed(0)
+    block = _ss2d("window")
+    x = torch.randn(2, 8, 5, 9)  # a map size no other test uses: its scan table is made in inference mode
+    with torch.inference_mode():
+        inference = block(x.contiguous(memory_format=torch.channels_last))
+    with torch.no_grad():
+        plain = block(x)
+    trained = block(x)  # then saved for a backward
+    trained.sum().backward()
+    assert plain.grad_fn is None and not inference.requires_grad
+    torch.testing.assert_close(plain, trained.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(inference, trained.detach(), rtol=0, atol=0)
+
+
 def test_ss2d_fused_op_falls_back_under_autocast_and_is_one_parameter_tensor() -> None:
     block = _ss2d("window")
     assert [n for n, _ in block.named_parameters()] == ["weights"]

@@ -107,8 +107,10 @@ def device_scan_index(
     h: int, w: int, mode: str, window: int, seed: int, device: torch.device
 ) -> torch.Tensor:
     """`idx` of `scan_indices` as a (4, h*w) LongTensor on `device`, built once per map size and mode:
-    the table the fused CSM kernels read the tokens through (vmddpm/ops/cross_scan.py)."""
-    return torch.from_numpy(_scan_tables(h, w, mode, window, seed)[0].copy()).to(device)
+    the table the fused CSM kernels read the tokens through (vmddpm/ops/cross_scan.py). Made outside
+    inference mode even when first asked for inside it: the cached table is saved for backwards later."""
+    with torch.inference_mode(False):
+        return torch.from_numpy(_scan_tables(h, w, mode, window, seed)[0].copy()).to(device)
 
 
 def cross_scan(x: torch.Tensor, sr: str = "none", window: int = 1, seed: int = 0) -> torch.Tensor:

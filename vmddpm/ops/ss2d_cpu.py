@@ -74,63 +74,72 @@ def _channel_last(t: torch.Tensor) -> torch.Tensor:
     return _rows(buf, (b * h * w, c))
 
 
+def _forward(
+    x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, layout: SS2DLayout
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], int]:
+    """The block's output, the tensors its backward reads, and the scan's channel block size."""
+    b, c, h, wd = x.shape
+    ln, d, k, n, r = h * wd, layout.d_inner, layout.k, layout.d_state, layout.dt_rank
+    bl, p = b * ln, r + 2 * n
+    off = dict(zip(PARTS, layout.offsets, strict=True))
+    in_t = _t(_rows(weights, (2 * d, c), off["in_proj.weight"]))  # (c, 2d)
+    xproj_t = _t(_rows(weights, (k * p, d), off["x_proj_weight"]))  # (d, K*P)
+    out_t = _t(_rows(weights, (c, d), off["out_proj.weight"]))  # (d, c)
+    conv_w = _rows(weights, (d, 1, layout.d_conv, layout.d_conv), off["conv2d.weight"])
+    conv_b, ln_w, ln_b = (
+        _rows(weights, (d,), off[f]) for f in ("conv2d.bias", "out_norm.weight", "out_norm.bias")
+    )
+    a = torch.exp(_rows(weights, (k, d, n), off["A_logs"])).neg_()  # A = -exp(A_logs)
+
+    xt = _channel_last(x)  # (B*L, c) tokens
+    xz = torch.mm(xt, in_t)  # (B*L, 2d): [x | z]
+    # the conv's input: the x half as a channels_last (B, d, H, W) map (one copy)
+    xi = torch.empty((b, h, wd, d), dtype=x.dtype)
+    xi.copy_(xz.as_strided((b, h, wd, d), (ln * 2 * d, wd * 2 * d, 2 * d, 1), xz.storage_offset()))
+    xi = _permute(xi, (0, 3, 1, 2))
+    pre = F.conv2d(xi, conv_w, conv_b, padding=layout.d_conv // 2, groups=d)
+    u = _channel_last(F.silu(pre))  # (B*L, d)
+    x_dbl = torch.mm(u, xproj_t)  # (B*L, K*P)
+
+    wn = numpy_view(weights)
+    scan_w = tuple(
+        wn[off[f] : off[f] + size].reshape(shape)
+        for f, size, shape in (
+            ("dt_projs_weight", k * d * r, (k, d, r)),
+            ("dt_projs_bias", k * d, (k, d)),
+            ("Ds", k * d, (k, d)),
+        )
+    )
+    arrays = (
+        numpy_view(u).reshape(b, ln, d),
+        numpy_view(x_dbl).reshape(b, ln, k, p),
+        scan_w[0],
+        scan_w[1],
+        numpy_view(a),
+        scan_w[2],
+    )
+    y_np, ckpt_np, blk = scan_forward(arrays, numpy_view(idx))
+    y, ckpt = torch.from_numpy(y_np), torch.from_numpy(ckpt_np)  # y: (B, L, d)
+
+    yn, mean, rstd = aten.native_layer_norm(y, [d], ln_w, ln_b, layout.norm_eps)
+    z = xz.as_strided((b, ln, d), (ln * 2 * d, 2 * d, 1), xz.storage_offset() + d)
+    g = F.silu(z)
+    yg = yn * g
+    out = torch.mm(_rows(yg, (bl, d)), out_t)  # (B*L, c)
+    saved = (
+        weights, in_t, xproj_t, out_t, conv_w, ln_w, ln_b, a, idx, ckpt,
+        xt, xz, xi, pre, u, x_dbl, y, mean, rstd, yn, g, yg,
+    )  # fmt: skip
+    return _permute(_rows(out, (b, h, wd, c)), (0, 3, 1, 2)), saved, blk
+
+
 class _SS2DCpu(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, layout: SS2DLayout):  # type: ignore[override]
-        b, c, h, wd = x.shape
-        ln, d, k, n, r = h * wd, layout.d_inner, layout.k, layout.d_state, layout.dt_rank
-        bl, p = b * ln, r + 2 * n
-        off = dict(zip(PARTS, layout.offsets, strict=True))
-        in_t = _t(_rows(weights, (2 * d, c), off["in_proj.weight"]))  # (c, 2d)
-        xproj_t = _t(_rows(weights, (k * p, d), off["x_proj_weight"]))  # (d, K*P)
-        out_t = _t(_rows(weights, (c, d), off["out_proj.weight"]))  # (d, c)
-        conv_w = _rows(weights, (d, 1, layout.d_conv, layout.d_conv), off["conv2d.weight"])
-        conv_b, ln_w, ln_b = (
-            _rows(weights, (d,), off[f]) for f in ("conv2d.bias", "out_norm.weight", "out_norm.bias")
-        )
-        a = torch.exp(_rows(weights, (k, d, n), off["A_logs"])).neg_()  # A = -exp(A_logs)
-
-        xt = _channel_last(x)  # (B*L, c) tokens
-        xz = torch.mm(xt, in_t)  # (B*L, 2d): [x | z]
-        # the conv's input: the x half as a channels_last (B, d, H, W) map (one copy)
-        xi = torch.empty((b, h, wd, d), dtype=x.dtype)
-        xi.copy_(xz.as_strided((b, h, wd, d), (ln * 2 * d, wd * 2 * d, 2 * d, 1), xz.storage_offset()))
-        xi = _permute(xi, (0, 3, 1, 2))
-        pre = F.conv2d(xi, conv_w, conv_b, padding=layout.d_conv // 2, groups=d)
-        u = _channel_last(F.silu(pre))  # (B*L, d)
-        x_dbl = torch.mm(u, xproj_t)  # (B*L, K*P)
-
-        wn = numpy_view(weights)
-        scan_w = tuple(
-            wn[off[f] : off[f] + size].reshape(shape)
-            for f, size, shape in (
-                ("dt_projs_weight", k * d * r, (k, d, r)),
-                ("dt_projs_bias", k * d, (k, d)),
-                ("Ds", k * d, (k, d)),
-            )
-        )
-        arrays = (
-            numpy_view(u).reshape(b, ln, d),
-            numpy_view(x_dbl).reshape(b, ln, k, p),
-            scan_w[0],
-            scan_w[1],
-            numpy_view(a),
-            scan_w[2],
-        )
-        y_np, ckpt_np, blk = scan_forward(arrays, numpy_view(idx))
-        y, ckpt = torch.from_numpy(y_np), torch.from_numpy(ckpt_np)  # y: (B, L, d)
-
-        yn, mean, rstd = aten.native_layer_norm(y, [d], ln_w, ln_b, layout.norm_eps)
-        z = xz.as_strided((b, ln, d), (ln * 2 * d, 2 * d, 1), xz.storage_offset() + d)
-        g = F.silu(z)
-        yg = yn * g
-        out = torch.mm(_rows(yg, (bl, d)), out_t)  # (B*L, c)
-        ctx.save_for_backward(
-            weights, in_t, xproj_t, out_t, conv_w, ln_w, ln_b, a, idx, ckpt,
-            xt, xz, xi, pre, u, x_dbl, y, mean, rstd, yn, g, yg,
-        )  # fmt: skip
-        ctx.layout, ctx.blk, ctx.shape = layout, blk, (b, c, h, wd)
-        return _permute(_rows(out, (b, h, wd, c)), (0, 3, 1, 2))
+        out, saved, blk = _forward(x, weights, idx, layout)
+        ctx.save_for_backward(*saved)
+        ctx.layout, ctx.blk, ctx.shape = layout, blk, tuple(x.shape)
+        return out
 
     @staticmethod
     def backward(ctx: Any, gout: torch.Tensor):  # type: ignore[override]
@@ -195,5 +204,8 @@ class _SS2DCpu(torch.autograd.Function):
 
 def ss2d_cpu(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, layout: SS2DLayout) -> torch.Tensor:
     """The SS2D block on (B, d_model, H, W) `x` with flat `weights` (`layout`) and scan tables `idx`
-    (K, H*W); check `fused_applicable` first."""
-    return _SS2DCpu.apply(x, weights, idx, layout)
+    (K, H*W); check `fused_applicable` first. Without autograd (sampling, `torch.no_grad`,
+    `torch.inference_mode`) nothing is kept for a backward."""
+    if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad):
+        return _SS2DCpu.apply(x, weights, idx, layout)
+    return _forward(x, weights, idx, layout)[0]
