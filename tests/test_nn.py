@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -10,8 +11,18 @@ import torch
 from tests.conftest import TINY
 from vmddpm.errors import UserError
 from vmddpm.nn.registry import build_model, count_parameters, model_signature
-from vmddpm.nn.scan2d import SR_MODES, SS2D, cross_merge, cross_scan, scan_indices, sr_permutation
+from vmddpm.nn.scan2d import (
+    SR_MODES,
+    SS2D,
+    cross_merge,
+    cross_scan,
+    device_scan_index,
+    scan_indices,
+    sr_permutation,
+)
 from vmddpm.nn.vmunet import VMUNet
+from vmddpm.ops.ss2d_cpu import fused_applicable
+from vmddpm.ops.ss2d_layout import PARTS
 
 VMUNET_PRESETS = (
     "vmddpm",
@@ -119,9 +130,9 @@ def test_ss2d_shape_gradients_and_zero_parameter_sr() -> None:
     assert y.shape == x.shape
     y.square().mean().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+    grads = block.layout.views(block.weights.grad)
     for name in ("A_logs", "Ds", "dt_projs_bias", "x_proj_weight", "dt_projs_weight"):
-        grad = getattr(block, name).grad
-        assert grad is not None and grad.abs().sum() > 0, name
+        assert grads[name].abs().sum() > 0, name
     assert block.resolved_backend  # the backend that actually ran is recorded
 
 
@@ -132,6 +143,83 @@ def test_sr_changes_the_output_but_not_the_weights() -> None:
     b.load_state_dict(a.state_dict())
     x = torch.randn(1, 8, 4, 4)
     assert not torch.allclose(a(x), b(x))
+
+
+@pytest.mark.parametrize("sr", SR_MODES)
+@pytest.mark.parametrize("hw", [(6, 5), (4, 8)])  # H != W; 6 x 5 is not divisible by the SR window
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ss2d_fused_cpu_op_equals_the_module_path(sr: str, hw: tuple[int, int], dtype: torch.dtype) -> None:
+    """The fused CPU op (vmddpm/ops/ss2d_cpu.py) computes the module path's output and the gradients
+    of the input and of every weight: to rounding in float64, to 1e-5 in float32."""
+    torch.manual_seed(0)
+    block = SS2D(
+        8, d_state=4, expand=2, d_conv=3, dt_rank="auto", sr=sr, sr_window=4, sr_seed=0, scan_backend="cpu"
+    ).to(dtype)
+    x = torch.randn(2, 8, *hw, dtype=dtype, requires_grad=True)
+    assert fused_applicable(x, block.weights, block.layout)
+    gy = torch.randn(2, 8, *hw, dtype=dtype)
+    fused = block(x)
+    assert fused.grad_fn is not None and "SS2DCpu" in type(fused.grad_fn).__name__
+    modules = block.forward_modules(x, device_scan_index(*hw, sr, 4, 0, x.device))
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(fused, modules, **tol)
+    (gx_f, gw_f), (gx_m, gw_m) = (torch.autograd.grad(y, (x, block.weights), gy) for y in (fused, modules))
+    torch.testing.assert_close(gx_f, gx_m, **tol)
+    parts_m = block.layout.views(gw_m)
+    for name, g in block.layout.views(gw_f).items():
+        scale = max(1.0, float(parts_m[name].abs().max()))
+        torch.testing.assert_close(g, parts_m[name], rtol=tol["rtol"], atol=tol["atol"] * scale, msg=name)
+
+
+def test_ss2d_fused_op_without_autograd_keeps_nothing_and_gives_the_same_output() -> None:
+    """Sampling runs under no_grad; a user's code may run under inference_mode (whose tensors cannot
+    be saved for a backward, the cached scan table included): both take the op's plain forward and
+    give the training forward's output, for a channel-first and a channels_last input."""
+    torch.manual_seed(0)
+    block = _ss2d("window")
+    x = torch.randn(2, 8, 5, 9)  # a map size no other test uses: its scan table is made in inference mode
+    with torch.inference_mode():
+        inference = block(x.contiguous(memory_format=torch.channels_last))
+    with torch.no_grad():
+        plain = block(x)
+    trained = block(x)  # then saved for a backward
+    trained.sum().backward()
+    assert plain.grad_fn is None and not inference.requires_grad
+    torch.testing.assert_close(plain, trained.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(inference, trained.detach(), rtol=0, atol=0)
+
+
+def test_ss2d_fused_op_falls_back_under_autocast_and_is_one_parameter_tensor() -> None:
+    block = _ss2d("window")
+    assert [n for n, _ in block.named_parameters()] == ["weights"]
+    assert block.weights.numel() == sum(math.prod(s) for s in block.layout.shapes.values())
+    x = torch.randn(1, 8, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_applicable(x, block.weights, block.layout)
+        y = block(x)
+    assert y.dtype == torch.bfloat16  # the module path ran (its linears autocast)
+    assert "SS2DCpu" not in type(y.grad_fn).__name__
+
+
+def test_ss2d_state_dict_keeps_vmamba_names_and_loads_them() -> None:
+    """The packed weights are saved and loaded under VMamba's names and shapes (checkpoints written
+    before the packing load unchanged); a missing weight is named by load_state_dict."""
+    torch.manual_seed(0)
+    a, b = _ss2d("window"), _ss2d("window")
+    state = a.state_dict()
+    assert list(state) == list(PARTS)
+    assert {k: tuple(v.shape) for k, v in state.items()} == a.layout.shapes
+    unpacked = {k: v.clone() for k, v in state.items()}  # separate tensors, as an old checkpoint has
+    b.load_state_dict(unpacked)
+    x = torch.randn(1, 8, 5, 4)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    state[
+        "A_logs"
+    ].zero_()  # the state dict's tensors are views of the weights (EMA warm-up copies into them)
+    assert float(a.layout.views(a.weights.detach())["A_logs"].abs().sum()) == 0.0
+    del unpacked["Ds"]
+    with pytest.raises(RuntimeError, match="SS2D weights missing from the state dict: Ds"):
+        b.load_state_dict(unpacked)
 
 
 # ------------------------------------------------------------------------------------------ VMUNet
@@ -174,7 +262,7 @@ def test_every_preset_runs_forward_and_backward(tiny_cfg, name: str, size: int) 
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, missing
     mixers = [m for m in model.modules() if isinstance(m, SS2D)]
-    assert all(m.A_logs.grad.abs().sum() > 0 for m in mixers)
+    assert all(m.layout.views(m.weights.grad)["A_logs"].abs().sum() > 0 for m in mixers)
 
 
 def test_rectangular_input_and_scalar_timestep(tiny_cfg) -> None:

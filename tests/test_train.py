@@ -21,11 +21,13 @@ from vmddpm.errors import UserError
 from vmddpm.runtime import state_hash
 from vmddpm.stages.train import train
 from vmddpm.trainkit import (
+    Checkpoints,
     EpochSampler,
     capture_rng_state,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
+    resume,
     save_checkpoint,
 )
 
@@ -349,3 +351,27 @@ def test_cuda_out_of_memory_maps_to_the_same_line() -> None:
     assert "mamba-ssm" not in str(
         out_of_memory("sample", torch.device("cuda"), {"sample.batch_size": 64}, "cuda")
     )
+
+
+def test_resume_refuses_an_optimizer_state_of_another_parameter_layout(tmp_path: Path) -> None:
+    """A checkpoint whose optimizer state was written for other parameter tensors (e.g. by a vmddpm
+    before the CSM block's weights were packed into one tensor) is one line naming it and the fix,
+    not torch's ValueError from deep inside the resume."""
+    ckpts = Checkpoints(tmp_path / "checkpoints", {"lr": 1e-4}, keep=2)
+    signature = {"model": "vmddpm"}
+    old = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))])
+    path = ckpts.save(
+        {
+            "step": 5,
+            "signature": signature,
+            "opt": old.state_dict(),
+            "rng": capture_rng_state(),
+            "noise_rng": [],
+        }
+    )
+    new = torch.optim.AdamW([torch.nn.Parameter(torch.ones(5))])
+    with pytest.raises(UserError, match=r"its 'opt' state does not fit this network") as err:
+        resume(ckpts, tmp_path / "last.pt", signature, {"opt": new}, torch.Generator())
+    message = str(err.value)
+    assert message.startswith(str(path)) and f"delete {path.parent} to train" in message
+    assert "\n" not in message

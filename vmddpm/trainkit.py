@@ -408,7 +408,16 @@ def resume(
         return 0, [], None
     path, state = found
     for key, obj in parts.items():
-        obj.load_state_dict(state[key])
+        try:
+            obj.load_state_dict(state[key])
+        except (ValueError, RuntimeError, KeyError) as exc:
+            # e.g. an optimizer state of another parameter layout (the network's weights are stored
+            # under stable names, an optimizer's state by parameter position)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(
+                f"{path}: its {key!r} state does not fit this network ({reason}); it was written by "
+                f"another version of vmddpm: delete {path.parent} to train this configuration afresh"
+            ) from None
     restore_rng_state(state["rng"])
     gens = state["noise_rng"]
     noise_gen.set_state(gens[rank] if rank < len(gens) else gens[0])

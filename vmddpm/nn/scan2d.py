@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vmddpm.ops.cross_scan import csm_scan, resolve_csm_backend
+from vmddpm.ops.ss2d_cpu import fused_applicable, ss2d_cpu
+from vmddpm.ops.ss2d_layout import PARTS, SS2DLayout
 
 SR_MODES: tuple[str, ...] = ("none", "window", "zigzag", "random")
 K_DIRECTIONS = 4
@@ -104,8 +107,10 @@ def device_scan_index(
     h: int, w: int, mode: str, window: int, seed: int, device: torch.device
 ) -> torch.Tensor:
     """`idx` of `scan_indices` as a (4, h*w) LongTensor on `device`, built once per map size and mode:
-    the table the fused CSM kernels read the tokens through (vmddpm/ops/cross_scan.py)."""
-    return torch.from_numpy(_scan_tables(h, w, mode, window, seed)[0].copy()).to(device)
+    the table the fused CSM kernels read the tokens through (vmddpm/ops/cross_scan.py). Made outside
+    inference mode even when first asked for inside it: the cached table is saved for backwards later."""
+    with torch.inference_mode(False):
+        return torch.from_numpy(_scan_tables(h, w, mode, window, seed)[0].copy()).to(device)
 
 
 def cross_scan(x: torch.Tensor, sr: str = "none", window: int = 1, seed: int = 0) -> torch.Tensor:
@@ -138,9 +143,14 @@ class SS2D(nn.Module):
     cross-scan (SR order), dt_proj, S6, cross-merge (SR undone) as one op (`csm_scan`) -> LayerNorm
     -> * SiLU(z) -> out_proj. Input and output are channel-first (B, C, H, W); inside, tokens are
     channel-last (B, H*W, d). x_proj is per token, so it runs once on the map instead of once per
-    scan direction's copy. Parameters per direction follow VMamba (`A_logs`, `Ds`, `dt_projs_*`,
-    `x_proj_weight`), so SR changes only the order, never the count, and checkpoints written before
-    the fused op load unchanged.
+    scan direction's copy. Weights per direction follow VMamba (`A_logs`, `Ds`, `dt_projs_*`,
+    `x_proj_weight`), so SR changes only the order, never the count.
+
+    The eleven weights live in ONE parameter, `weights` (`vmddpm/ops/ss2d_layout.py` says where each
+    sits and why); the state dict still holds them under VMamba's names, so checkpoints written
+    before the packing load unchanged. On CPU in float32/float64 without autocast the block runs as
+    one fused autograd op (`vmddpm/ops/ss2d_cpu.py`); `forward_modules` below is the definition and
+    every other case's path.
     """
 
     def __init__(
@@ -169,50 +179,113 @@ class SS2D(nn.Module):
         self.resolved_backend: str | None = None  # set on the first forward: what actually ran
         self.resolved_backend_device: torch.device | None = None
         k, n, r = K_DIRECTIONS, d_state, self.dt_rank
+        self.layout = SS2DLayout(d_model, d_inner, d_state, r, d_conv, K_DIRECTIONS)
 
-        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
-        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding="same", groups=d_inner)
+        # VMamba's initialisation, drawn in VMamba's order (the same weights as unpacked modules)
+        in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding="same", groups=d_inner)
         bound = d_inner**-0.5
-        self.x_proj_weight = nn.Parameter(torch.empty(k, r + 2 * n, d_inner).uniform_(-bound, bound))
+        x_proj_weight = torch.empty(k, r + 2 * n, d_inner).uniform_(-bound, bound)
         dt_std = r**-0.5
-        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, r).uniform_(-dt_std, dt_std))
+        dt_projs_weight = torch.empty(k, d_inner, r).uniform_(-dt_std, dt_std)
         # dt initialised log-uniform in [dt_min, dt_max] through softplus^-1 (Mamba's init)
         dt = torch.exp(torch.rand(k, d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=1e-4)
-        self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        a = torch.arange(1, n + 1, dtype=torch.float32).repeat(k * d_inner, 1)
-        self.A_logs = nn.Parameter(torch.log(a))
-        self.Ds = nn.Parameter(torch.ones(k * d_inner))
-        for p in (self.A_logs, self.Ds):
-            p._no_weight_decay = True  # type: ignore[attr-defined]
-        self.out_norm = nn.LayerNorm(d_inner)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        out_norm = nn.LayerNorm(d_inner)
+        out_proj = nn.Linear(d_inner, d_model, bias=False)
+        parts = {
+            "x_proj_weight": x_proj_weight,
+            "dt_projs_weight": dt_projs_weight,
+            "dt_projs_bias": dt + torch.log(-torch.expm1(-dt)),
+            "A_logs": torch.log(torch.arange(1, n + 1, dtype=torch.float32).repeat(k * d_inner, 1)),
+            "Ds": torch.ones(k * d_inner),
+            "in_proj.weight": in_proj.weight,
+            "conv2d.weight": conv2d.weight,
+            "conv2d.bias": conv2d.bias,
+            "out_norm.weight": out_norm.weight,
+            "out_norm.bias": out_norm.bias,
+            "out_proj.weight": out_proj.weight,
+        }
+        self.weights = nn.Parameter(self.layout.pack(parts))
+        self.register_state_dict_post_hook(_unpack_state)
+        self.register_load_state_dict_pre_hook(_pack_state)
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The block's weights by VMamba's names, as differentiable views of `weights`."""
+        return self.layout.split(self.weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if self.resolved_backend is None or self.resolved_backend_device != x.device:
+            self.resolved_backend = resolve_csm_backend(self.scan_backend, x.device)
+            self.resolved_backend_device = x.device
+        idx = device_scan_index(h, w, self.sr, self.sr_window, self.sr_seed, x.device)
+        if self.resolved_backend == "cpu" and fused_applicable(x, self.weights, self.layout):
+            return ss2d_cpu(x, self.weights, idx, self.layout)
+        return self.forward_modules(x, idx)
+
+    def forward_modules(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The block composed of torch ops (autograd through each): the definition of the fused op."""
         b, _, h, w = x.shape
-        k, n, r, d = K_DIRECTIONS, self.d_state, self.dt_rank, self.d_inner
-        xz = self.in_proj(x.permute(0, 2, 3, 1))  # (B, H, W, 2 * d_inner)
+        k, n, d = K_DIRECTIONS, self.d_state, self.d_inner
+        p = self.parts()
+        xz = F.linear(x.permute(0, 2, 3, 1), p["in_proj.weight"])  # (B, H, W, 2 * d_inner)
         xi, z = xz.chunk(2, dim=-1)
         # channels_last: the depth-wise conv reads and writes (B, H, W, d) memory, so the tokens
         # below are a free view, not a copy
         xi = xi.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-        u = F.silu(self.conv2d(xi)).permute(0, 2, 3, 1).reshape(b, h * w, d)
-        x_dbl = F.linear(u, self.x_proj_weight.view(k * (r + 2 * n), d)).view(b, h * w, k, r + 2 * n)
-        if self.resolved_backend is None or self.resolved_backend_device != x.device:
-            self.resolved_backend = resolve_csm_backend(self.scan_backend, x.device)
-            self.resolved_backend_device = x.device
+        conv = F.conv2d(xi, p["conv2d.weight"], p["conv2d.bias"], padding="same", groups=d)
+        u = F.silu(conv).permute(0, 2, 3, 1).reshape(b, h * w, d)
+        x_dbl = F.linear(u, p["x_proj_weight"].view(-1, d)).view(b, h * w, k, -1)
         y = csm_scan(
             u,
             x_dbl,
-            self.dt_projs_weight,
-            self.dt_projs_bias,
-            -torch.exp(self.A_logs).view(k, d, n),
-            self.Ds.view(k, d),
-            device_scan_index(h, w, self.sr, self.sr_window, self.sr_seed, x.device),
-            backend=self.resolved_backend,
+            p["dt_projs_weight"],
+            p["dt_projs_bias"],
+            -torch.exp(p["A_logs"]).view(k, d, n),
+            p["Ds"].view(k, d),
+            idx,
+            backend=self.resolved_backend or self.scan_backend,
         )
-        y = self.out_norm(y.view(b, h, w, d)) * F.silu(z)
-        return self.out_proj(y).permute(0, 3, 1, 2)
+        norm = (p["out_norm.weight"], p["out_norm.bias"], self.layout.norm_eps)
+        y = F.layer_norm(y.view(b, h, w, d), (d,), *norm)
+        return F.linear(y * F.silu(z), p["out_proj.weight"]).permute(0, 3, 1, 2)
+
+
+def _unpack_state(module: SS2D, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """state_dict hook: VMamba's named weights (views of the packed tensor) instead of `weights`."""
+    flat = state.pop(prefix + "weights")
+    for name, view in module.layout.views(flat).items():
+        state[prefix + name] = view
+
+
+def _pack_state(
+    module: SS2D,
+    state: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """load_state_dict pre-hook: VMamba's named weights packed into `weights`; some of them missing is
+    an error naming those."""
+    keys = [prefix + name for name in PARTS]
+    missing = [key for key in keys if key not in state]
+    if prefix + "weights" in state or len(missing) == len(keys):
+        return  # the packed form, or nothing of this block: load_state_dict reports what it lacks
+    if missing:
+        error_msgs.append(f"SS2D weights missing from the state dict: {', '.join(missing)}")
+        return
+    try:
+        flat = module.layout.pack({name: state[key] for name, key in zip(PARTS, keys, strict=True)})
+    except ValueError as exc:
+        error_msgs.append(f"{prefix.rstrip('.') or 'SS2D'}: {exc}")
+        return
+    for key in keys:
+        del state[key]
+    state[prefix + "weights"] = flat
 
 
 # Alias: the paper calls this block the Cross-Scan Module (CSM).

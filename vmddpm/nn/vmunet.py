@@ -105,14 +105,16 @@ class MSSBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        outs = []
+        outs: list[torch.Tensor] = []
         for k in range(self.levels):
             xk = x if k == 0 else _pool(x, 2**k)
             ys = [path[k](xk) for path in (self.cnn, self.mix) if path is not None]
+            if k == 0:  # full resolution: straight into the one concatenation below
+                outs.extend(ys)
+                continue
+            # one upsampling of the level's branches together (bilinear is per channel)
             y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
-            if k:  # one upsampling of the level's branches together (bilinear is per channel)
-                y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
-            outs.append(y)
+            outs.append(F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False))
         return x + self.fuse(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
 
 

@@ -52,52 +52,88 @@ def _as_array(t: torch.Tensor, dtype: torch.dtype) -> tuple[np.ndarray, torch.Te
     return np.ctypeslib.as_array(ptr, shape=tuple(t.shape)), t
 
 
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The kernels' dtype for these inputs: float64 when one is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def numpy_view(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of contiguous float32/float64/int64 `t` (no dispatcher op, no copy): for code
+    that hands tensors to the kernels and must keep `t` alive while the view is used."""
+    if not t.is_contiguous() or t.dtype not in _CTYPES:
+        raise ValueError(f"numpy_view needs a contiguous float32/float64/int64 tensor, got {t.dtype}")
+    return _as_array(t, t.dtype)[0]
+
+
+def scan_forward(arrays: tuple[np.ndarray, ...], idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The forward kernel on numpy (u, x_dbl, dt_weight, dt_bias, A, D) of one dtype and `idx`:
+    y (batch, L, d), the chunk-start states, and the channel block size it ran with."""
+    from vmddpm.ops import csm_kernels
+
+    threads = _match_numba_threads()
+    blk = _blocks_for(arrays[0].shape[0], arrays[0].shape[2], threads)
+    with deferred():  # a Ctrl-C inside numba stops after the kernel (vmddpm.signals)
+        y, ckpt = csm_kernels.csm_fwd(*arrays, idx, CSM_CHUNK, blk)
+    _keep_torch_threads(threads)
+    return y, ckpt, blk
+
+
+def scan_backward(
+    arrays: tuple[np.ndarray, ...], idx: np.ndarray, ckpt: np.ndarray, gy: np.ndarray, blk: int
+) -> tuple[np.ndarray, ...]:
+    """The backward kernel: gradients of (u, x_dbl, dt_weight, dt_bias, A, D), each in its input's
+    layout, from `gy` and what `scan_forward` returned."""
+    from vmddpm.ops import csm_kernels
+
+    threads = _match_numba_threads()
+    with deferred():
+        grads = csm_kernels.csm_bwd(*arrays, idx, ckpt, gy, CSM_CHUNK, blk)
+    _keep_torch_threads(threads)
+    return grads
+
+
+def csm_forward(
+    floats: tuple[torch.Tensor, ...], idx: torch.Tensor, cdt: torch.dtype
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], int]:
+    """`scan_forward` on tensors (u, x_dbl, dt_weight, dt_bias, A, D), cast to `cdt` where needed.
+
+    Returns y (batch, L, d) in `cdt`, the tensors the backward needs (the inputs as `cdt`-contiguous
+    tensors, `idx`, the chunk-start states) and the channel block size it ran with."""
+    views = [_as_array(t, cdt) for t in floats]
+    idx_np, idx_t = _as_array(idx, torch.int64)
+    y, ckpt, blk = scan_forward(tuple(a for a, _ in views), idx_np)
+    return torch.from_numpy(y), (*(t for _, t in views), idx_t, torch.from_numpy(ckpt)), blk
+
+
+def csm_backward(
+    saved: tuple[torch.Tensor, ...], gy: torch.Tensor, blk: int, cdt: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """`scan_backward` on what `csm_forward` returned for the backward; gradients in `cdt`."""
+    *floats, idx_t, ckpt = saved
+    arrays = tuple(_as_array(t, cdt)[0] for t in floats)
+    gy_np, _gy = _as_array(gy, cdt)
+    grads = scan_backward(arrays, numpy_view(idx_t), numpy_view(ckpt), gy_np, blk)
+    return tuple(torch.from_numpy(g) for g in grads)
+
+
 class _CsmScanCpu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, x_dbl, dt_weight, dt_bias, A, D, idx):  # type: ignore[override]
-        from vmddpm.ops import csm_kernels
-
         floats = (u, x_dbl, dt_weight, dt_bias, A, D)
-        cdt = torch.float64 if any(t.dtype == torch.float64 for t in floats) else torch.float32
-        views = [_as_array(t, cdt) for t in floats]
-        idx_np, idx_t = _as_array(idx, torch.int64)
-        threads = _match_numba_threads()
-        blk = _blocks_for(u.shape[0], u.shape[2], threads)
-        arrays = (*(a for a, _ in views), idx_np)
-        with deferred():  # a Ctrl-C inside numba stops after the kernel (vmddpm.signals)
-            y, ckpt = csm_kernels.csm_fwd(*arrays, CSM_CHUNK, blk)
-        _keep_torch_threads(threads)
+        cdt = compute_dtype(*floats)
+        y, saved, blk = csm_forward(floats, idx, cdt)
         # Everything the backward reads goes through save_for_backward, never as arrays kept on ctx:
         # under activation checkpointing the saved tensors are dropped after the forward and
         # recomputed for the backward (new memory), and autograd's version check guards in-place edits.
-        ctx.save_for_backward(*(t for _, t in views), idx_t, torch.from_numpy(ckpt))
+        ctx.save_for_backward(*saved)
         ctx.blk, ctx.cdt = blk, cdt
         ctx.dtypes = tuple(t.dtype for t in floats)
-        out = torch.from_numpy(y)
-        return out if u.dtype == cdt else out.to(u.dtype)
+        return y if u.dtype == cdt else y.to(u.dtype)
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
-        from vmddpm.ops import csm_kernels
-
-        *floats, idx_t, ckpt = ctx.saved_tensors
-        arrays = [_as_array(t, ctx.cdt)[0] for t in floats]
-        gy_np, _gy = _as_array(gy, ctx.cdt)
-        threads = _match_numba_threads()
-        with deferred():
-            grads = csm_kernels.csm_bwd(
-                *arrays,
-                _as_array(idx_t, torch.int64)[0],
-                _as_array(ckpt, ctx.cdt)[0],
-                gy_np,
-                CSM_CHUNK,
-                ctx.blk,
-            )
-        _keep_torch_threads(threads)
-        out = []
-        for g, dtype in zip(grads, ctx.dtypes, strict=True):
-            t = torch.from_numpy(g)
-            out.append(t if dtype == ctx.cdt else t.to(dtype))
+        grads = csm_backward(ctx.saved_tensors, gy, ctx.blk, ctx.cdt)
+        out = [g if dtype == ctx.cdt else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)]
         return (*out, None)
 
 
