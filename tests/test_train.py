@@ -4,6 +4,7 @@ bad inputs give one-line errors, a failed write never destroys the last good che
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import subprocess
@@ -18,11 +19,14 @@ from PIL import Image
 
 from tests.conftest import ONE_THREAD_ENV, TINY, kill_and_resume, step_files
 from vmddpm.errors import UserError
+from vmddpm.nn.scan2d import SS2D, unpacked_param_counts
 from vmddpm.runtime import state_hash
 from vmddpm.stages.train import train
 from vmddpm.trainkit import (
     Checkpoints,
     EpochSampler,
+    RepackingOptimizer,
+    adam,
     capture_rng_state,
     latest_checkpoint,
     load_checkpoint,
@@ -375,3 +379,45 @@ def test_resume_refuses_an_optimizer_state_of_another_parameter_layout(tmp_path:
     message = str(err.value)
     assert message.startswith(str(path)) and f"delete {path.parent} to train" in message
     assert "\n" not in message
+
+
+def test_an_optimizer_state_saved_before_the_csm_weights_were_packed_resumes_the_same_steps() -> None:
+    """Checkpoints written when an SS2D block had eleven parameter tensors hold Adam moments per
+    tensor; `RepackingOptimizer` packs them onto the block's one tensor, so the step after resuming is
+    bit for bit the step the unpacked optimizer takes."""
+    torch.manual_seed(0)
+    block = SS2D(8, d_state=4, expand=2, d_conv=3, dt_rank="auto", sr="window", sr_window=2, sr_seed=0,
+                 scan_backend="auto")  # fmt: skip
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 1), block)
+    counts = unpacked_param_counts(net)
+    assert counts == [1, 1, len(block.layout.shapes)]
+    old = [p.detach().clone() for p in net[0].parameters()]
+    old += [v.clone() for v in block.layout.views(block.weights.detach()).values()]
+    old = [torch.nn.Parameter(t) for t in old]
+    old_opt = adam(old, lr=1e-2, weight_decay=0.1, decoupled=True)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):  # the old run's steps, its moments as a checkpoint has them
+        for p in old:
+            p.grad = torch.randn(p.shape, generator=gen)
+        old_opt.step()
+    buf = io.BytesIO()  # through a file's bytes, as a checkpoint holds it
+    torch.save(old_opt.state_dict(), buf)
+    saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    with torch.no_grad():  # the new run loads the model: the same numbers, packed
+        for p, o in zip(net[0].parameters(), old[:2], strict=True):
+            p.copy_(o)
+        block.weights.copy_(torch.cat([o.reshape(-1) for o in old[2:]]))
+    new_opt = adam(net.parameters(), lr=1e-2, weight_decay=0.1, decoupled=True)
+    RepackingOptimizer(new_opt, counts).load_state_dict(saved)
+    grads = [torch.randn(p.shape, generator=gen) for p in old]
+    for p, g in zip(old, grads, strict=True):
+        p.grad = g
+    old_opt.step()
+    net[0].weight.grad, net[0].bias.grad = grads[0], grads[1]
+    block.weights.grad = torch.cat([g.reshape(-1) for g in grads[2:]])
+    new_opt.step()
+    torch.testing.assert_close(
+        block.weights.detach(), torch.cat([o.detach().reshape(-1) for o in old[2:]]), rtol=0, atol=0
+    )
+    torch.testing.assert_close(net[0].weight.detach(), old[0].detach(), rtol=0, atol=0)
+    assert int(new_opt.state[block.weights]["step"]) == 3

@@ -548,6 +548,43 @@ def hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- optimisers
+def repack_adam_state(saved: dict[str, Any], counts: Sequence[int]) -> dict[str, Any]:
+    """An Adam(W) state dict saved when the parameters were split finer, for the current parameters:
+    `counts[i]` consecutive saved tensors make current parameter i (flattened and concatenated in
+    order, as `vmddpm/ops/ss2d_layout.py` packs an SS2D block). Checkpoints written before the CSM
+    block's weights were packed thereby resume where they stopped, moments and all. A state of any
+    other shape is returned unchanged (load_state_dict then says what does not fit)."""
+    groups = saved.get("param_groups", [])
+    if len(groups) != 1 or len(groups[0]["params"]) != sum(counts) or len(counts) == sum(counts):
+        return saved
+    ids, old = groups[0]["params"], saved.get("state", {})
+    state: dict[int, Any] = {}
+    at = 0
+    for i, count in enumerate(counts):
+        parts = [old.get(pid) for pid in ids[at : at + count]]
+        at += count
+        if any(p is None for p in parts):
+            continue  # no state yet (the first step had not run): the optimizer starts it
+        if count == 1:
+            state[i] = parts[0]
+            continue
+        state[i] = {
+            key: parts[0][key].clone() if key == "step" else torch.cat([p[key].reshape(-1) for p in parts])
+            for key in parts[0]
+        }
+    return {"state": state, "param_groups": [{**groups[0], "params": list(range(len(counts)))}]}
+
+
+class RepackingOptimizer:
+    """`load_state_dict` of an optimizer through `repack_adam_state` (what `resume` loads into)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, counts: Sequence[int]) -> None:
+        self.optimizer, self.counts = optimizer, list(counts)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(repack_adam_state(state, self.counts))
+
+
 def adam(
     params: Any,
     *,

@@ -252,6 +252,15 @@ class SS2D(nn.Module):
         return F.linear(y * F.silu(z), p["out_proj.weight"]).permute(0, 3, 1, 2)
 
 
+def unpacked_param_counts(net: nn.Module) -> list[int]:
+    """For each parameter of `net`, in `parameters()` order (an optimizer's order): how many parameter
+    tensors it was before an SS2D's weights were packed into one (len(PARTS) for an SS2D's `weights`,
+    1 for any other), so that an optimizer state saved then can be repacked
+    (`vmddpm.trainkit.repack_adam_state`)."""
+    packed = {id(m.weights) for m in net.modules() if isinstance(m, SS2D)}
+    return [len(PARTS) if id(p) in packed else 1 for p in net.parameters()]
+
+
 def _unpack_state(module: SS2D, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     """state_dict hook: VMamba's named weights (views of the packed tensor) instead of `weights`."""
     flat = state.pop(prefix + "weights")

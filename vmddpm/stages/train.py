@@ -70,6 +70,7 @@ from vmddpm.config import Config
 from vmddpm.contracts import EVAL_GRIDS, EVAL_HISTORY, EVAL_HISTORY_FIELDS, FINAL, HISTORY, image_seed
 from vmddpm.errors import UserError
 from vmddpm.io import output_lock, write_png_grid
+from vmddpm.nn.scan2d import unpacked_param_counts
 from vmddpm.runtime import (
     explain_scan_backend,
     is_out_of_memory,
@@ -83,6 +84,7 @@ from vmddpm.tracking import NullRun, start_run
 from vmddpm.trainkit import (
     Checkpoints,
     EpochSampler,
+    RepackingOptimizer,
     adam,
     already_trained,
     batch_images,
@@ -280,7 +282,7 @@ class Trainer:
         parts = {
             "model": self.net,
             "ema": self.ema,
-            "optimizer": self.opt,
+            "optimizer": RepackingOptimizer(self.opt, unpacked_param_counts(self.net)),
             "lr_scheduler": self.sched,
             "scaler": self.scaler,
         }
