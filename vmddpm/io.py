@@ -271,24 +271,28 @@ def output_lock(output: str | Path, command: str) -> Iterator[None]:
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         flock = FileLock(str(lock), timeout=0)
-        flock.acquire()
+        # A holder writes its pid right after it wins the flock and clears it just before it lets go:
+        # while the file is empty, try again (for up to a second) to read the pid or to win the lock.
+        for _ in range(100):
+            try:
+                flock.acquire()
+                break
+            except Timeout:
+                holder = lock_holder(lock)
+                if holder != "another process":
+                    break
+                time.sleep(0.01)
+        if not flock.is_locked:
+            raise UserError(
+                f"{output}: another `vmddpm {command}` ({holder}) is writing it; wait for it to "
+                f"finish or stop it, then rerun (one process per output; lock {lock.name})"
+            )
         fd = os.open(lock, os.O_WRONLY)  # held: write who holds it (waiters only read)
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {_HOST} vmddpm {command}\n".encode())
         finally:
             os.close(fd)
-    except Timeout:
-        holder = lock_holder(lock)
-        for _ in range(100):  # the holder writes its pid right after it wins the flock
-            if holder != "another process":
-                break
-            time.sleep(0.01)
-            holder = lock_holder(lock)
-        raise UserError(
-            f"{output}: another `vmddpm {command}` ({holder}) is writing it; wait for it to "
-            f"finish or stop it, then rerun (one process per output; lock {lock.name})"
-        ) from None
     except OSError as e:
         raise os_error(e, output) from None
     try:
