@@ -18,6 +18,7 @@ against it. Used for float32/float64 CPU tensors without autocast and with an od
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from vmddpm.ops.csm_cpu import numpy_view, scan_backward, scan_forward
-from vmddpm.ops.ss2d_layout import PARTS, SS2DLayout
+from vmddpm.ops.ss2d_layout import PARTS, SS2DLayout, row_major_strides
 
 aten = torch.ops.aten
 
@@ -58,10 +59,7 @@ def _rows(t: torch.Tensor, shape: Sequence[int], offset: int = 0) -> torch.Tenso
     elements in."""
     if not t.is_contiguous():
         t = t.contiguous()
-    stride = [1] * len(shape)
-    for i in range(len(shape) - 2, -1, -1):
-        stride[i] = stride[i + 1] * shape[i + 1]
-    return t.as_strided(shape, stride, t.storage_offset() + offset)
+    return t.as_strided(shape, row_major_strides(shape), t.storage_offset() + offset)
 
 
 def _channel_last(t: torch.Tensor) -> torch.Tensor:
@@ -74,6 +72,33 @@ def _channel_last(t: torch.Tensor) -> torch.Tensor:
     return _rows(buf, (b * h * w, c))
 
 
+def _scan_arrays(
+    weights: torch.Tensor,
+    u: torch.Tensor,
+    x_dbl: torch.Tensor,
+    a: torch.Tensor,
+    layout: SS2DLayout,
+    batch: int,
+) -> tuple[np.ndarray, ...]:
+    """The numba scan's inputs (u, x_dbl, dt_weight, dt_bias, A, D) as numpy views: the tokens and their
+    projections from (B*L, .) tensors, the scan's own weights straight from the flat weight tensor."""
+    wn = numpy_view(weights)
+    k, d, length = layout.k, layout.d_inner, u.shape[0] // batch
+
+    def part(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        at = layout.offsets[name]
+        return wn[at : at + math.prod(shape)].reshape(shape)
+
+    return (
+        numpy_view(u).reshape(batch, length, d),
+        numpy_view(x_dbl).reshape(batch, length, k, -1),
+        part("dt_projs_weight", (k, d, layout.dt_rank)),
+        part("dt_projs_bias", (k, d)),
+        numpy_view(a),
+        part("Ds", (k, d)),
+    )
+
+
 def _forward(
     x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, layout: SS2DLayout
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], int]:
@@ -81,7 +106,7 @@ def _forward(
     b, c, h, wd = x.shape
     ln, d, k, n, r = h * wd, layout.d_inner, layout.k, layout.d_state, layout.dt_rank
     bl, p = b * ln, r + 2 * n
-    off = dict(zip(PARTS, layout.offsets, strict=True))
+    off = layout.offsets
     in_t = _t(_rows(weights, (2 * d, c), off["in_proj.weight"]))  # (c, 2d)
     xproj_t = _t(_rows(weights, (k * p, d), off["x_proj_weight"]))  # (d, K*P)
     out_t = _t(_rows(weights, (c, d), off["out_proj.weight"]))  # (d, c)
@@ -101,24 +126,7 @@ def _forward(
     u = _channel_last(F.silu(pre))  # (B*L, d)
     x_dbl = torch.mm(u, xproj_t)  # (B*L, K*P)
 
-    wn = numpy_view(weights)
-    scan_w = tuple(
-        wn[off[f] : off[f] + size].reshape(shape)
-        for f, size, shape in (
-            ("dt_projs_weight", k * d * r, (k, d, r)),
-            ("dt_projs_bias", k * d, (k, d)),
-            ("Ds", k * d, (k, d)),
-        )
-    )
-    arrays = (
-        numpy_view(u).reshape(b, ln, d),
-        numpy_view(x_dbl).reshape(b, ln, k, p),
-        scan_w[0],
-        scan_w[1],
-        numpy_view(a),
-        scan_w[2],
-    )
-    y_np, ckpt_np, blk = scan_forward(arrays, numpy_view(idx))
+    y_np, ckpt_np, blk = scan_forward(_scan_arrays(weights, u, x_dbl, a, layout, b), numpy_view(idx))
     y, ckpt = torch.from_numpy(y_np), torch.from_numpy(ckpt_np)  # y: (B, L, d)
 
     yn, mean, rstd = aten.native_layer_norm(y, [d], ln_w, ln_b, layout.norm_eps)
@@ -128,7 +136,7 @@ def _forward(
     out = torch.mm(_rows(yg, (bl, d)), out_t)  # (B*L, c)
     saved = (
         weights, in_t, xproj_t, out_t, conv_w, ln_w, ln_b, a, idx, ckpt,
-        xt, xz, xi, pre, u, x_dbl, y, mean, rstd, yn, g, yg,
+        xt, z, xi, pre, u, x_dbl, y, mean, rstd, yn, g, yg,
     )  # fmt: skip
     return _permute(_rows(out, (b, h, wd, c)), (0, 3, 1, 2)), saved, blk
 
@@ -145,13 +153,12 @@ class _SS2DCpu(torch.autograd.Function):
     def backward(ctx: Any, gout: torch.Tensor):  # type: ignore[override]
         (
             weights, in_t, xproj_t, out_t, conv_w, ln_w, ln_b, a, idx, ckpt,
-            xt, xz, xi, pre, u, x_dbl, y, mean, rstd, yn, g, yg,
+            xt, z, xi, pre, u, x_dbl, y, mean, rstd, yn, g, yg,
         ) = ctx.saved_tensors  # fmt: skip
         layout: SS2DLayout = ctx.layout
         b, c, h, wd = ctx.shape
-        ln, d, k, r = h * wd, layout.d_inner, layout.k, layout.dt_rank
+        ln, d = h * wd, layout.d_inner
         bl = b * ln
-        off = dict(zip(PARTS, layout.offsets, strict=True))
         grads: dict[str, np.ndarray] = {}
         keep = []  # tensors whose memory the numpy views in `grads` point into
 
@@ -162,30 +169,19 @@ class _SS2DCpu(torch.autograd.Function):
         go = _channel_last(gout)  # (B*L, c), contiguous: both matmuls read it
         put("out_proj.weight", torch.mm(_t(go), _rows(yg, (bl, d))))
         dyg = _rows(torch.mm(go, _t(out_t)), (b, ln, d))
-        dz = aten.silu_backward(
-            dyg * yn, xz.as_strided((b, ln, d), (ln * 2 * d, 2 * d, 1), xz.storage_offset() + d)
-        )
+        dz = aten.silu_backward(dyg * yn, z)
         dy, dln_w, dln_b = aten.native_layer_norm_backward(
             dyg * g, y, [d], mean, rstd, ln_w, ln_b, [True, True, True]
         )
         put("out_norm.weight", dln_w)
         put("out_norm.bias", dln_b)
 
-        wn = numpy_view(weights)
-        p = x_dbl.shape[1] // k
-        arrays = (
-            numpy_view(u).reshape(b, ln, d),
-            numpy_view(x_dbl).reshape(b, ln, k, p),
-            wn[off["dt_projs_weight"] : off["dt_projs_weight"] + k * d * r].reshape(k, d, r),
-            wn[off["dt_projs_bias"] : off["dt_projs_bias"] + k * d].reshape(k, d),
-            numpy_view(a),
-            wn[off["Ds"] : off["Ds"] + k * d].reshape(k, d),
-        )
+        arrays = _scan_arrays(weights, u, x_dbl, a, layout, b)
         du_np, dxd_np, grads["dt_projs_weight"], grads["dt_projs_bias"], da, grads["Ds"] = scan_backward(
             arrays, numpy_view(idx), numpy_view(ckpt), numpy_view(dy.contiguous()), ctx.blk
         )
         grads["A_logs"] = np.multiply(da, numpy_view(a), out=da)  # d(-exp(A_logs)) = A dA_logs
-        dxd = torch.from_numpy(dxd_np.reshape(bl, k * p))
+        dxd = torch.from_numpy(dxd_np.reshape(bl, -1))
         put("x_proj_weight", torch.mm(_t(dxd), u))
         du = torch.from_numpy(du_np.reshape(bl, d)).addmm_(dxd, _t(xproj_t))
         dpre = aten.silu_backward(_permute(_rows(du, (b, h, wd, d)), (0, 3, 1, 2)), pre)

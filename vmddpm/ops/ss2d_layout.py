@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -72,16 +73,13 @@ class SS2DLayout:
         return [math.prod(self.shapes[name]) for name in PARTS]
 
     @functools.cached_property
-    def offsets(self) -> list[int]:
-        out, at = [], 0
-        for size in self.sizes:
-            out.append(at)
+    def offsets(self) -> dict[str, int]:
+        """Where each weight starts in the flat tensor (elements)."""
+        out, at = {}, 0
+        for name, size in zip(PARTS, self.sizes, strict=True):
+            out[name] = at
             at += size
         return out
-
-    @property
-    def numel(self) -> int:
-        return sum(self.sizes)
 
     def pack(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """One flat tensor from the named weights (any of them missing or misshapen: ValueError)."""
@@ -100,9 +98,12 @@ class SS2DLayout:
         """Named views of `flat` (a weight tensor or its gradient) for code outside autograd: one
         `as_strided` each, so a state dict or the fused op's forward costs no split and no copy."""
         base = flat.storage_offset()
-        out = {}
-        for name, off in zip(PARTS, self.offsets, strict=True):
-            shape = self.shapes[name]
-            stride = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
-            out[name] = flat.as_strided(shape, stride, base + off)
-        return out
+        return {
+            name: flat.as_strided(shape, row_major_strides(shape), base + self.offsets[name])
+            for name, shape in self.shapes.items()
+        }
+
+
+def row_major_strides(shape: Sequence[int]) -> list[int]:
+    """The strides of a contiguous (row-major) tensor of `shape`."""
+    return [math.prod(shape[i + 1 :]) for i in range(len(shape))]
