@@ -12,7 +12,9 @@ over the ~40 CSM blocks of the paper-sized network was a third of a training ste
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -65,16 +67,24 @@ def numpy_view(t: torch.Tensor) -> np.ndarray:
     return _as_array(t, t.dtype)[0]
 
 
+@contextlib.contextmanager
+def numba_region() -> Iterator[int]:
+    """Run numba kernels on as many threads as torch's pool (yielded), a Ctrl-C inside one taking
+    effect after it (vmddpm.signals)."""
+    threads = _match_numba_threads()
+    with deferred():
+        yield threads
+    _keep_torch_threads(threads)
+
+
 def scan_forward(arrays: tuple[np.ndarray, ...], idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """The forward kernel on numpy (u, x_dbl, dt_weight, dt_bias, A, D) of one dtype and `idx`:
     y (batch, L, d), the chunk-start states, and the channel block size it ran with."""
     from vmddpm.ops import csm_kernels
 
-    threads = _match_numba_threads()
-    blk = _blocks_for(arrays[0].shape[0], arrays[0].shape[2], threads)
-    with deferred():  # a Ctrl-C inside numba stops after the kernel (vmddpm.signals)
+    with numba_region() as threads:
+        blk = _blocks_for(arrays[0].shape[0], arrays[0].shape[2], threads)
         y, ckpt = csm_kernels.csm_fwd(*arrays, idx, CSM_CHUNK, blk)
-    _keep_torch_threads(threads)
     return y, ckpt, blk
 
 
@@ -85,11 +95,8 @@ def scan_backward(
     layout, from `gy` and what `scan_forward` returned."""
     from vmddpm.ops import csm_kernels
 
-    threads = _match_numba_threads()
-    with deferred():
-        grads = csm_kernels.csm_bwd(*arrays, idx, ckpt, gy, CSM_CHUNK, blk)
-    _keep_torch_threads(threads)
-    return grads
+    with numba_region():
+        return csm_kernels.csm_bwd(*arrays, idx, ckpt, gy, CSM_CHUNK, blk)
 
 
 def csm_forward(
