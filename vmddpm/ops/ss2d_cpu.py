@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vmddpm.ops.csm_cpu import numba_region, numpy_view, scan_backward, scan_forward
 from vmddpm.ops.ss2d_layout import PARTS, SS2DLayout, row_major_strides
@@ -72,20 +71,26 @@ def _channel_last(t: torch.Tensor) -> torch.Tensor:
     return _rows(buf, (b * h * w, c))
 
 
-def _part(weights: torch.Tensor, layout: SS2DLayout, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Weight `name` of the block as a numpy view of the flat weight tensor, in `shape`."""
+def _part(wn: np.ndarray, layout: SS2DLayout, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Weight `name` of the block in `shape`, a view of `wn` (the flat weight tensor as numpy)."""
     at = layout.offsets[name]
-    return numpy_view(weights)[at : at + math.prod(shape)].reshape(shape)
+    return wn[at : at + math.prod(shape)].reshape(shape)
 
 
-def _conv_arrays(weights: torch.Tensor, layout: SS2DLayout) -> tuple[np.ndarray, np.ndarray]:
-    """The depth-wise conv's weight (d, k, k) and bias (d) as numpy views, for `dwconv_kernels`."""
+def _conv_arrays(wn: np.ndarray, layout: SS2DLayout) -> tuple[np.ndarray, np.ndarray]:
+    """The depth-wise conv's weight (d, k, k) and bias (d) as numpy views, for `block_kernels`."""
     d, kc = layout.d_inner, layout.d_conv
-    return _part(weights, layout, "conv2d.weight", (d, kc, kc)), _part(weights, layout, "conv2d.bias", (d,))
+    return _part(wn, layout, "conv2d.weight", (d, kc, kc)), _part(wn, layout, "conv2d.bias", (d,))
+
+
+def _norm_arrays(wn: np.ndarray, layout: SS2DLayout) -> tuple[np.ndarray, np.ndarray]:
+    """The output LayerNorm's weight and bias (d,) as numpy views, for `block_kernels`."""
+    d = layout.d_inner
+    return _part(wn, layout, "out_norm.weight", (d,)), _part(wn, layout, "out_norm.bias", (d,))
 
 
 def _scan_arrays(
-    weights: torch.Tensor,
+    wn: np.ndarray,
     u: torch.Tensor,
     x_dbl: torch.Tensor,
     a: torch.Tensor,
@@ -98,10 +103,10 @@ def _scan_arrays(
     return (
         numpy_view(u).reshape(batch, length, d),
         numpy_view(x_dbl).reshape(batch, length, k, -1),
-        _part(weights, layout, "dt_projs_weight", (k, d, layout.dt_rank)),
-        _part(weights, layout, "dt_projs_bias", (k, d)),
+        _part(wn, layout, "dt_projs_weight", (k, d, layout.dt_rank)),
+        _part(wn, layout, "dt_projs_bias", (k, d)),
         numpy_view(a),
-        _part(weights, layout, "Ds", (k, d)),
+        _part(wn, layout, "Ds", (k, d)),
     )
 
 
@@ -109,7 +114,7 @@ def _forward(
     x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, layout: SS2DLayout
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], int]:
     """The block's output, the tensors its backward reads, and the scan's channel block size."""
-    from vmddpm.ops.dwconv_kernels import dwconv_silu_fwd
+    from vmddpm.ops.block_kernels import dwconv_silu_fwd, norm_gate_fwd
 
     b, c, h, wd = x.shape
     ln, d, k, n, r = h * wd, layout.d_inner, layout.k, layout.d_state, layout.dt_rank
@@ -119,8 +124,8 @@ def _forward(
     in_z = _rows(weights, (d, c), off["in_proj.weight"] + d * c)
     xproj_t = _t(_rows(weights, (k * p, d), off["x_proj_weight"]))  # (d, K*P)
     out_t = _t(_rows(weights, (c, d), off["out_proj.weight"]))  # (d, c)
-    ln_w, ln_b = (_rows(weights, (d,), off[f]) for f in ("out_norm.weight", "out_norm.bias"))
     a = torch.exp(_rows(weights, (k, d, n), off["A_logs"])).neg_()  # A = -exp(A_logs)
+    wn = numpy_view(weights)
 
     xt = _channel_last(x)  # (B*L, c) tokens
     # x and z as two products, each contiguous: x's tokens are the conv kernel's input as they
@@ -129,20 +134,20 @@ def _forward(
     xi = torch.mm(xt, _t(in_x))  # (B*L, d) = (B, H, W, d)
     z = _rows(torch.mm(xt, _t(in_z)), (b, ln, d))
     with numba_region():
-        pre_np, u_np = dwconv_silu_fwd(numpy_view(xi).reshape(b, h, wd, d), *_conv_arrays(weights, layout))
+        pre_np, u_np = dwconv_silu_fwd(numpy_view(xi).reshape(b, h, wd, d), *_conv_arrays(wn, layout))
     pre, u = torch.from_numpy(pre_np.reshape(bl, d)), torch.from_numpy(u_np.reshape(bl, d))
     x_dbl = torch.mm(u, xproj_t)  # (B*L, K*P)
 
-    y_np, ckpt_np, blk = scan_forward(_scan_arrays(weights, u, x_dbl, a, layout, b), numpy_view(idx))
-    y, ckpt = torch.from_numpy(y_np), torch.from_numpy(ckpt_np)  # y: (B, L, d)
-
-    yn, mean, rstd = aten.native_layer_norm(y, [d], ln_w, ln_b, layout.norm_eps)
-    g = F.silu(z)
-    yg = yn * g
+    y_np, ckpt_np, blk = scan_forward(_scan_arrays(wn, u, x_dbl, a, layout, b), numpy_view(idx))
+    with numba_region():  # LayerNorm(y) * silu(z)
+        yg_np, mean_np, rstd_np = norm_gate_fwd(
+            y_np, numpy_view(z), *_norm_arrays(wn, layout), y_np.dtype.type(layout.norm_eps)
+        )
+    y, ckpt, yg = torch.from_numpy(y_np), torch.from_numpy(ckpt_np), torch.from_numpy(yg_np)
+    mean, rstd = torch.from_numpy(mean_np), torch.from_numpy(rstd_np)
     out = torch.mm(_rows(yg, (bl, d)), out_t)  # (B*L, c)
     saved = (
-        weights, in_x, in_z, xproj_t, out_t, ln_w, ln_b, a, idx, ckpt,
-        xt, z, xi, pre, u, x_dbl, y, mean, rstd, yn, g, yg,
+        weights, in_x, in_z, xproj_t, out_t, a, idx, ckpt, xt, z, xi, pre, u, x_dbl, y, mean, rstd, yg,
     )  # fmt: skip
     return _permute(_rows(out, (b, h, wd, c)), (0, 3, 1, 2)), saved, blk
 
@@ -158,11 +163,11 @@ class _SS2DCpu(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, gout: torch.Tensor):  # type: ignore[override]
         (
-            weights, in_x, in_z, xproj_t, out_t, ln_w, ln_b, a, idx, ckpt,
-            xt, z, xi, pre, u, x_dbl, y, mean, rstd, yn, g, yg,
+            weights, in_x, in_z, xproj_t, out_t, a, idx, ckpt, xt, z, xi, pre, u, x_dbl, y, mean, rstd, yg,
         ) = ctx.saved_tensors  # fmt: skip
-        from vmddpm.ops.dwconv_kernels import dwconv_silu_bwd
+        from vmddpm.ops.block_kernels import dwconv_silu_bwd, norm_gate_bwd
 
+        wn = numpy_view(weights)
         layout: SS2DLayout = ctx.layout
         b, c, h, wd = ctx.shape
         ln, d = h * wd, layout.d_inner
@@ -176,17 +181,16 @@ class _SS2DCpu(torch.autograd.Function):
 
         go = _channel_last(gout)  # (B*L, c), contiguous: both matmuls read it
         put("out_proj.weight", torch.mm(_t(go), _rows(yg, (bl, d))))
-        dyg = _rows(torch.mm(go, _t(out_t)), (b, ln, d))
-        dz = aten.silu_backward(dyg * yn, z)
-        dy, dln_w, dln_b = aten.native_layer_norm_backward(
-            dyg * g, y, [d], mean, rstd, ln_w, ln_b, [True, True, True]
-        )
-        put("out_norm.weight", dln_w)
-        put("out_norm.bias", dln_b)
+        dyg = torch.mm(go, _t(out_t))  # (B*L, d)
+        with numba_region():
+            dy, dz, grads["out_norm.weight"], grads["out_norm.bias"] = norm_gate_bwd(
+                numpy_view(dyg).reshape(b, ln, d), numpy_view(y), numpy_view(z),
+                numpy_view(mean), numpy_view(rstd), *_norm_arrays(wn, layout),
+            )  # fmt: skip
 
-        arrays = _scan_arrays(weights, u, x_dbl, a, layout, b)
+        arrays = _scan_arrays(wn, u, x_dbl, a, layout, b)
         du_np, dxd_np, grads["dt_projs_weight"], grads["dt_projs_bias"], da, grads["Ds"] = scan_backward(
-            arrays, numpy_view(idx), numpy_view(ckpt), numpy_view(dy.contiguous()), ctx.blk
+            arrays, numpy_view(idx), numpy_view(ckpt), dy, ctx.blk
         )
         grads["A_logs"] = np.multiply(da, numpy_view(a), out=da)  # d(-exp(A_logs)) = A dA_logs
         dxd = torch.from_numpy(dxd_np.reshape(bl, -1))
@@ -195,10 +199,10 @@ class _SS2DCpu(torch.autograd.Function):
         maps = (b, h, wd, d)
         with numba_region():
             dxi_np, grads["conv2d.weight"], grads["conv2d.bias"] = dwconv_silu_bwd(
-                numpy_view(xi).reshape(maps), _conv_arrays(weights, layout)[0],
+                numpy_view(xi).reshape(maps), _conv_arrays(wn, layout)[0],
                 numpy_view(pre).reshape(maps), numpy_view(du).reshape(maps),
             )  # fmt: skip
-        dxi, dz = torch.from_numpy(dxi_np.reshape(bl, d)), _rows(dz, (bl, d))  # (B*L, d) each
+        dxi, dz = torch.from_numpy(dxi_np.reshape(bl, d)), torch.from_numpy(dz.reshape(bl, d))
         din = torch.empty((2 * d, c), dtype=dz.dtype)  # in_proj's gradient: x rows, then z rows
         torch.mm(_t(dxi), xt, out=_rows(din, (d, c)))
         torch.mm(_t(dz), xt, out=_rows(din, (d, c), d * c))

@@ -1,19 +1,22 @@
-"""Fused CPU kernels (numba) of the CSM's depth-wise conv + SiLU, forward and backward.
+"""Fused CPU kernels (numba) of the CSM block around its scan: the depth-wise conv + SiLU before
+it, the LayerNorm + SiLU gate after it, each forward and backward.
 
 Why: in the CSM (`vmddpm/nn/scan2d.py`) the in-projection's x half goes through a depth-wise
-d_conv x d_conv conv with bias and a SiLU before the scan. As aten ops that is four kernels forward
-and backward (conv, silu, silu_backward, convolution_backward), each one a pass over a (B, H, W, d)
-map that has left the cache by the time the next one runs; at demo widths (16 channels) they cost
-about a millisecond per block, as much as the block's scan forward. Here one pass does each
-direction, on the channel-last tokens the projections already produce (no layout conversion), with
-the inner loops over the contiguous channels so that LLVM vectorises them.
+d_conv x d_conv conv with bias and a SiLU before the scan, and the scan's output through a
+LayerNorm times SiLU(z) after it. As aten ops that is seven kernels forward and eight backward
+(conv, silu, layer_norm, silu, mul; their backwards and the products feeding them), each one a pass
+over a (B, H, W, d) map that has left the cache by the time the next one runs; at demo widths (16
+channels) they cost about 1.5 ms per block, more than the block's scan forward. Here one pass does
+each, on the channel-last tokens that the projections already produce (no layout conversion), with
+the inner loops over contiguous channels (or whole map rows) so that LLVM vectorises them.
 
 Same maths as `F.silu(F.conv2d(x, w, bias, padding=d_conv // 2, groups=d))` on the channels-first
-map (cross-correlation, zero "same" padding, odd d_conv); tests/test_nn.py checks the block against
-its module path in float64. Summation order differs from oneDNN's, so float32 results agree to
-rounding, not bit for bit. Layouts: x, pre, u, du, dx (batch, H, W, d) contiguous; w (d, k, k);
-bias (d). This module imports numba at import time: import it only after checking that numba is
-importable.
+map (cross-correlation, zero "same" padding, odd d_conv) and as `F.layer_norm(y, (d,), w, b, eps) *
+F.silu(z)`; tests/test_nn.py checks the block against its module path in float64. Summation orders
+differ from aten's, so float32 results agree to rounding, not bit for bit. Partial sums of the
+weight gradients are per batch element (or per row block) and folded in a fixed order:
+deterministic. This module imports numba at import time: import it only after checking that numba
+is importable.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import numpy as np
 from numba import njit, prange
 
 from vmddpm.ops.csm_kernels import FASTMATH, _sigmoid
+
+# ------------------------------------------------------------------------- depth-wise conv + SiLU
 
 
 @njit(cache=True)
@@ -137,3 +142,85 @@ def dwconv_silu_bwd(x, w, pre, du):  # pragma: no cover - compiled
             for t in range(k * k):
                 dw[c, t // k, t % k] += tot[t * n + j * d + c]
     return dx.reshape(x.shape), dw, dbias
+
+
+# --------------------------------------------------------------------------- LayerNorm x SiLU gate
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+def norm_gate_fwd(y, z, w, b, eps):  # pragma: no cover - compiled
+    """out = LayerNorm(y) * silu(z) over the last axis of (batch, T, d) y and z (eps of their dtype);
+    also returns each token's mean and 1 / std (batch, T), what the backward needs besides y and z."""
+    nb, nt, d = y.shape
+    out = np.empty_like(y)
+    mean = np.empty((nb, nt), dtype=y.dtype)
+    rstd = np.empty((nb, nt), dtype=y.dtype)
+    zero = np.zeros(1, dtype=y.dtype)[0]
+    one = np.ones(1, dtype=y.dtype)[0]
+    inv_d = one / d
+    for bb in prange(nb):
+        for t in range(nt):
+            yr = y[bb, t]
+            zr = z[bb, t]
+            o = out[bb, t]
+            mu = zero
+            for c in range(d):
+                mu += yr[c]
+            mu *= inv_d
+            var = zero
+            for c in range(d):
+                var += (yr[c] - mu) * (yr[c] - mu)
+            rs = one / np.sqrt(var * inv_d + eps)
+            mean[bb, t] = mu
+            rstd[bb, t] = rs
+            for c in range(d):
+                o[c] = ((yr[c] - mu) * rs * w[c] + b[c]) * (zr[c] * _sigmoid(zr[c]))
+    return out, mean, rstd
+
+
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+def norm_gate_bwd(go, y, z, mean, rstd, w, b):  # pragma: no cover - compiled
+    """Gradients of y, z (batch, T, d), w and b (d) from go = dL/d(out), recomputing the normalised
+    y and the gate from what the forward kept."""
+    nb, nt, d = y.shape
+    dy = np.empty_like(y)
+    dz = np.empty_like(z)
+    dw_p = np.zeros((nb, d), dtype=y.dtype)
+    db_p = np.zeros((nb, d), dtype=y.dtype)
+    zero = np.zeros(1, dtype=y.dtype)[0]
+    one = np.ones(1, dtype=y.dtype)[0]
+    inv_d = one / d
+    for bb in prange(nb):
+        dwb = dw_p[bb]
+        dbb = db_p[bb]
+        yhat = np.empty(d, dtype=y.dtype)
+        dyh = np.empty(d, dtype=y.dtype)
+        for t in range(nt):
+            yr = y[bb, t]
+            zr = z[bb, t]
+            gr = go[bb, t]
+            dzr = dz[bb, t]
+            mu = mean[bb, t]
+            rs = rstd[bb, t]
+            s1 = zero  # sum of dL/dyhat
+            s2 = zero  # sum of dL/dyhat * yhat
+            for c in range(d):
+                yh = (yr[c] - mu) * rs
+                s = _sigmoid(zr[c])
+                gyn = gr[c] * (zr[c] * s)  # dL/d(LayerNorm(y))
+                dzr[c] = gr[c] * (yh * w[c] + b[c]) * s * (one + zr[c] * (one - s))
+                dwb[c] += gyn * yh
+                dbb[c] += gyn
+                yhat[c] = yh
+                dyh[c] = gyn * w[c]
+                s1 += dyh[c]
+                s2 += dyh[c] * yh
+            s1 *= inv_d
+            s2 *= inv_d
+            dr = dy[bb, t]
+            for c in range(d):
+                dr[c] = rs * (dyh[c] - s1 - yhat[c] * s2)
+    dw = dw_p[0].copy()
+    db = db_p[0].copy()
+    for bb in range(1, nb):
+        dw += dw_p[bb]
+        db += db_p[bb]
+    return dy, dz, dw, db
