@@ -20,7 +20,10 @@ The step is `_measure.denoiser_step` (forward, MSE to the noise, backward, the t
 
 `--baseline COMMIT` also runs every group on `git archive COMMIT` (imported through PYTHONPATH in a
 subprocess, at the same time as the current tree's groups) and records it as `baseline`, so a
-before/after comparison comes from one run on one machine.
+before/after comparison comes from one run on one machine. It also compares the two trees' networks
+on the same weights (each model freshly built from seed 0, one fixed batch, fp32, no grad):
+`outputs_vs_baseline` holds the largest absolute and relative differences per group and model, and
+whether every element agrees within 1e-5 (|a - b| <= 1e-5 + 1e-5 |b|).
 
 Writes `results/benchmarks/lean.json` atomically. Run from the repository root:
     .venv/bin/python benchmarks/bench_lean.py --baseline b1fb54a
@@ -69,8 +72,36 @@ def _profile(fn: Any) -> dict[str, int]:
     return _count(prof.events())
 
 
-def measure_group(group: str, params: str, rounds: int, threads: int) -> dict[str, Any]:
-    """One group in this (fresh) process: op counts, allocations and interleaved step times."""
+OUTPUT_TOL = 1e-5
+"""The lean-network issue's equivalence tolerance for the whole network (fp32)."""
+
+
+def _fresh_output(net: Any, size: int, batch: int) -> Any:
+    """A copy of the fresh network's output on a fixed batch, the same in every tree: parameters that
+    start at zero (the output conv, LayerNorm biases) are first drawn by name, or every network
+    would output zeros and agree trivially."""
+    import copy
+
+    import torch
+
+    net = copy.deepcopy(net)
+    state = net.state_dict()  # VMamba's names in every tree (vmddpm/nn/scan2d.py)
+    g = torch.Generator().manual_seed(2)
+    for name in sorted(state):
+        if state[name].is_floating_point() and not state[name].any():
+            state[name] = torch.randn(state[name].shape, generator=g) * 0.1
+    net.load_state_dict(state)
+    x = torch.randn(batch, 1, size, size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    with torch.no_grad():
+        return net(x, t)
+
+
+def measure_group(
+    group: str, params: str, rounds: int, threads: int, dump: str | None = None
+) -> dict[str, Any]:
+    """One group in this (fresh) process: op counts, allocations and interleaved step times; with
+    `dump`, each fresh network's output on a fixed batch is saved there for the tree comparison."""
     set_threads(threads)
     import torch
 
@@ -84,6 +115,8 @@ def measure_group(group: str, params: str, rounds: int, threads: int) -> dict[st
     for name in spec["models"]:
         torch.manual_seed(0)
         net = build_model(cfg, name, spec["size"])
+        if dump:
+            torch.save(_fresh_output(net, spec["size"], spec["batch"]), Path(dump) / f"{group}-{name}.pt")
         step = denoiser_step(net, spec["batch"], spec["size"], "cpu")
         for _ in range(2):  # optimizer state, kernels compiled/loaded, allocator warm
             step()
@@ -125,11 +158,30 @@ def _baseline_tree(commit: str, dest: Path) -> Path:
     return dest / "tree"
 
 
-def _spawn(group: str, tree: Path, rounds: int, threads: int) -> subprocess.Popen:
+def _spawn(group: str, tree: Path, rounds: int, threads: int, dump: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, __file__, "--point", group, "--params", str(tree / "params.yaml")]
-    cmd += ["--rounds", str(rounds), "--threads", str(threads)]
+    cmd += ["--rounds", str(rounds), "--threads", str(threads), "--dump", str(dump)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+
+
+def _compare_outputs(group: str, dumps: dict[str, Path]) -> dict[str, Any]:
+    """Per model of `group`: how far the current tree's fresh output is from the baseline's."""
+    import torch
+
+    out = {}
+    for name in GROUPS[group]["models"]:
+        a, b = (
+            torch.load(dumps[k] / f"{group}-{name}.pt", weights_only=True) for k in ("current", "baseline")
+        )
+        diff = (a - b).abs()
+        out[name] = {
+            "max_abs_diff": float(diff.max()),
+            "max_rel_diff": float(diff.max() / b.abs().max().clamp_min(1e-30)),
+            "output_max_abs": float(b.abs().max()),
+            f"within_{OUTPUT_TOL:g}": bool((diff <= OUTPUT_TOL + OUTPUT_TOL * b.abs()).all()),
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,9 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", metavar="COMMIT", help="also measure this commit, for before/after")
     parser.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "lean.json"))
     parser.add_argument("--point", help=argparse.SUPPRESS)  # one group in this process, JSON to stdout
+    parser.add_argument("--dump", help=argparse.SUPPRESS)  # where --point saves the fresh outputs
     args = parser.parse_args(argv)
     if args.point:
-        print(json.dumps(measure_group(args.point, args.params, args.rounds, args.threads)))
+        print(json.dumps(measure_group(args.point, args.params, args.rounds, args.threads, args.dump)))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     result: dict[str, Any] = {
@@ -157,9 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline:
             trees["baseline"] = _baseline_tree(args.baseline, Path(tmp))
             result["baseline_commit"] = args.baseline
+        dumps = {k: Path(tmp) / f"outputs-{k}" for k in trees}
+        for d in dumps.values():
+            d.mkdir()
         for group in args.groups:
             # current and baseline of a group run at the same time, so they share the machine's state
-            procs = {k: _spawn(group, tree, args.rounds, args.threads) for k, tree in trees.items()}
+            procs = {k: _spawn(group, tree, args.rounds, args.threads, dumps[k]) for k, tree in trees.items()}
             for key, proc in procs.items():
                 stdout, _ = proc.communicate()
                 if proc.returncode:
@@ -168,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 result.setdefault(key, {})[group] = json.loads(stdout.strip().splitlines()[-1])
                 log.info("%s %s: ratios %s", key, group, result[key][group]["ratio"])
+            if args.baseline:
+                result.setdefault("outputs_vs_baseline", {})[group] = _compare_outputs(group, dumps)
+                log.info("%s outputs vs baseline: %s", group, result["outputs_vs_baseline"][group])
     from vmddpm.io import write_text
 
     write_text(Path(args.out), json.dumps(result, indent=1) + "\n")

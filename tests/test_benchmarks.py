@@ -40,3 +40,24 @@ def test_bench_gpu_smoke_run_writes_every_part(tmp_path: Path) -> None:
     cells = [c for c in proj["cells"] if c["model"] in presets]
     assert cells and all(c["train_h"] > 0 and c["sample_h"] > 0 for c in cells)
     assert proj["total_gpu_hours"] == pytest.approx(sum(c["train_h"] + c["sample_h"] for c in cells))
+
+
+def test_bench_lean_compares_a_baseline_tree_side_by_side(tmp_path: Path) -> None:
+    """`bench_lean.py --baseline`: both trees measured in one run, ratios and the networks' outputs on
+    the same weights compared (HEAD against the working tree: the diff is what the checkout holds)."""
+    out = tmp_path / "lean.json"
+    cmd = [sys.executable, "benchmarks/bench_lean.py", "--groups", "demo32", "--rounds", "1"]
+    cmd += ["--baseline", "HEAD", "--out", str(out)]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, **ONE_THREAD_ENV}, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    for tree in ("current", "baseline"):
+        group = rec[tree]["demo32"]
+        assert set(group["models_measured"]) == {"vmddpm", "vmddpm_cnn_only"}
+        assert group["ratio"]["step_s"] > 1 and group["meets_targets"].keys() == {"step_s"}
+    for name, cmp in rec["outputs_vs_baseline"]["demo32"].items():
+        # a fresh network's output on a fixed batch, zero-initialised weights drawn first: never trivially 0
+        assert cmp["output_max_abs"] > 0.1, name
+        assert cmp["within_1e-05"] is True and cmp["max_rel_diff"] < 1e-5, (name, cmp)

@@ -3,12 +3,14 @@
 Why: written as modules, the block is ~45 dispatcher ops forward and ~180 backward (each linear's
 autograd backward alone is ~20 ops of transposes, views and `resolve_conj`; every view, permute,
 chunk and `-exp(A_logs)` adds a node), and its eleven parameter tensors added ~90 more in
-`AccumulateGrad` and the optimizer. Here the forward is the kernels the block needs (the input and
-x projections, the depth-wise conv, the scan, LayerNorm, the gate, the output projection) and the
-backward is written out with the matching aten backward kernels, on the block's one flat weight
-tensor (`vmddpm/ops/ss2d_layout.py`). Layout changes are single `as_strided` views (a `permute` or
-`t()` is two or three dispatcher ops), and what only the numba scan reads (dt projection, bias, D,
-and the flat gradient's assembly) stays in numpy views of the same memory, outside the dispatcher.
+`AccumulateGrad` and the optimizer. Here the block is the kernels it needs, forward and backward,
+on its one flat weight tensor (`vmddpm/ops/ss2d_layout.py`): the projections are BLAS products
+(batched over the B maps, so that the NCHW map in and out and the channel-last tokens inside meet
+as transposed operands, never as a permuting copy), and the rest are numba kernels on the tokens:
+depth-wise conv + SiLU and LayerNorm x SiLU gate (`vmddpm/ops/block_kernels.py`), the scan
+(`vmddpm/ops/csm_kernels.py`). Views are single `as_strided` calls (a `permute` or `t()` is two or
+three dispatcher ops), and what only the kernels read (the small weights, the flat gradient's
+assembly) stays in numpy views of the same memory, outside the dispatcher.
 
 Same maths as the module path of `vmddpm/nn/scan2d.py` (`SS2D.forward_modules`), which stays the
 definition and every other case's path; tests/test_nn.py checks the output and every gradient
