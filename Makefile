@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 PYTEST_ARGS ?=
 
 .PHONY: install demo demo-snapshot showcase showcase-snapshot bench-showcase test lint format browser slurm \
-	clean-demo bench bench-gpu
+	bench bench-gpu
 SHOWCASE_CORES ?= 2
 SHOWCASE_ARGS ?=
 

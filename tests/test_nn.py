@@ -171,6 +171,37 @@ def test_ss2d_fused_cpu_op_equals_the_module_path(sr: str, hw: tuple[int, int], 
         torch.testing.assert_close(g, parts_m[name], rtol=tol["rtol"], atol=tol["atol"] * scale, msg=name)
 
 
+@pytest.mark.parametrize(
+    ("hw", "d_conv", "channels_last"),
+    [((2, 3), 5, False), ((1, 7), 3, True), ((3, 3), 5, True), ((5, 1), 3, False)],
+    ids=["map-smaller-than-conv", "one-row-channels_last", "3x3-conv5-channels_last", "one-column"],
+)
+def test_ss2d_fused_cpu_op_edges(hw: tuple[int, int], d_conv: int, channels_last: bool) -> None:
+    """Edges of the fused op's kernels (float64, against the module path): conv windows wider than
+    the map on both sides, one-row and one-column maps, a channels_last input (copied to NCHW rows)
+    and an incoming gradient that is a channel slice of a larger map (as a concatenation's backward
+    hands it over: each channel's rows contiguous, the batch stride not)."""
+    torch.manual_seed(0)
+    block = SS2D(
+        6, d_state=3, expand=2, d_conv=d_conv, dt_rank=2, sr="window", sr_window=2, sr_seed=0,
+        scan_backend="cpu",
+    ).double()  # fmt: skip
+    x = torch.randn(3, 6, *hw, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    gy = torch.randn(3, 10, *hw, dtype=torch.float64)[:, 2:8]  # a channel slice
+    fused = block(x)
+    assert "SS2DCpu" in type(fused.grad_fn).__name__ and fused.is_contiguous()
+    modules = block.forward_modules(x, device_scan_index(*hw, "window", 2, 0, x.device))
+    torch.testing.assert_close(fused, modules, rtol=1e-10, atol=1e-12)
+    (gx_f, gw_f), (gx_m, gw_m) = (torch.autograd.grad(y, (x, block.weights), gy) for y in (fused, modules))
+    torch.testing.assert_close(gx_f, gx_m, rtol=1e-10, atol=1e-12)
+    parts_m = block.layout.views(gw_m)
+    for name, g in block.layout.views(gw_f).items():
+        torch.testing.assert_close(g, parts_m[name], rtol=1e-10, atol=1e-11, msg=name)
+
+
 def test_ss2d_fused_op_without_autograd_keeps_nothing_and_gives_the_same_output() -> None:
     """Sampling runs under no_grad; a user's code may run under inference_mode (whose tensors cannot
     be saved for a backward, the cached scan table included): both take the op's plain forward and
