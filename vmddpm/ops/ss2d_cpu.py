@@ -30,8 +30,6 @@ import torch
 from vmddpm.ops.csm_cpu import numba_region, numpy_view, scan_backward, scan_forward
 from vmddpm.ops.ss2d_layout import PARTS, SS2DLayout, row_major_strides
 
-aten = torch.ops.aten
-
 
 def fused_applicable(x: torch.Tensor, weights: torch.Tensor, layout: SS2DLayout) -> bool:
     """Whether `ss2d_cpu` computes what the module path would for these inputs."""
