@@ -158,14 +158,16 @@ def _baseline_tree(commit: str, dest: Path) -> Path:
     return dest / "tree"
 
 
-def _spawn(group: str, tree: Path, rounds: int, threads: int, dump: Path) -> subprocess.Popen:
+def _spawn(group: str, tree: Path, rounds: int, threads: int, dump: Path | None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, __file__, "--point", group, "--params", str(tree / "params.yaml")]
-    cmd += ["--rounds", str(rounds), "--threads", str(threads), "--dump", str(dump)]
+    cmd += ["--rounds", str(rounds), "--threads", str(threads)]
+    if dump:  # only a --baseline run compares the trees' outputs
+        cmd += ["--dump", str(dump)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
 
 
-def _compare_outputs(group: str, dumps: dict[str, Path]) -> dict[str, Any]:
+def _compare_outputs(group: str, dumps: dict[str, Any]) -> dict[str, Any]:
     """Per model of `group`: how far the current tree's fresh output is from the baseline's."""
     import torch
 
@@ -210,9 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline:
             trees["baseline"] = _baseline_tree(args.baseline, Path(tmp))
             result["baseline_commit"] = args.baseline
-        dumps = {k: Path(tmp) / f"outputs-{k}" for k in trees}
-        for d in dumps.values():
-            d.mkdir()
+        dumps: dict[str, Path | None] = {k: None for k in trees}
+        if args.baseline:
+            dumps = {k: Path(tmp) / f"outputs-{k}" for k in trees}
+            for d in dumps.values():
+                d.mkdir()
         for group in args.groups:
             # current and baseline of a group run at the same time, so they share the machine's state
             procs = {k: _spawn(group, tree, args.rounds, args.threads, dumps[k]) for k, tree in trees.items()}

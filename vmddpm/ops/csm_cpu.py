@@ -13,14 +13,10 @@ count. (A ctypes pointer cast, the first way, took 4 us a view: ~2 ms of a demo-
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 
-from vmddpm.ops.selective_scan import _keep_torch_threads, _match_numba_threads
-from vmddpm.signals import deferred
+from vmddpm.ops.selective_scan import numba_region
 
 CSM_CHUNK = 32
 """Steps between the state checkpoints of the forward (a kernel tile, not a model knob): the
@@ -82,16 +78,6 @@ def numpy_view(t: torch.Tensor) -> np.ndarray:
     if not t.is_contiguous() or t.dtype not in _TYPESTR:
         raise ValueError(f"numpy_view needs a contiguous float32/float64/int64 tensor, got {t.dtype}")
     return _as_array(t, t.dtype)[0]
-
-
-@contextlib.contextmanager
-def numba_region() -> Iterator[int]:
-    """Run numba kernels on as many threads as torch's pool (yielded), a Ctrl-C inside one taking
-    effect after it (vmddpm.signals)."""
-    threads = _match_numba_threads()
-    with deferred():
-        yield threads
-    _keep_torch_threads(threads)
 
 
 def scan_forward(arrays: tuple[np.ndarray, ...], idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

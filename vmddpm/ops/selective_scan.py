@@ -29,10 +29,12 @@ exact and not hopelessly slow. Every backend is checked against `ref` in `tests/
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -322,6 +324,17 @@ def _keep_torch_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+@contextlib.contextmanager
+def numba_region() -> Iterator[int]:
+    """Run numba kernels on as many threads as torch's pool (yielded), a Ctrl-C inside one taking
+    effect after it (vmddpm.signals): `_match_numba_threads`, `deferred` and `_keep_torch_threads`
+    around the kernel calls."""
+    threads = _match_numba_threads()
+    with deferred():
+        yield threads
+    _keep_torch_threads(threads)
+
+
 class _CpuScan(torch.autograd.Function):
     """The numba kernels of `vmddpm.ops.scan_cpu` as an autograd function (B/C as (batch, G, N, L))."""
 
@@ -332,12 +345,10 @@ class _CpuScan(torch.autograd.Function):
         def arr(t: torch.Tensor):
             return t.detach().contiguous().numpy()
 
-        threads = _match_numba_threads()
         u_, dt_, A_ = arr(u), arr(dt), arr(A)
         bt, ct = arr(Bg.transpose(2, 3)), arr(Cg.transpose(2, 3))  # (batch, G, L, N)
-        with deferred():  # a Ctrl-C inside numba stops after the kernel (vmddpm.signals)
+        with numba_region():
             y, last, ckpt = scan_cpu.scan_fwd(u_, dt_, A_, bt, ct, CPU_CHUNK)
-        _keep_torch_threads(threads)
         ctx.arrays = (u_, dt_, A_, bt, ct, ckpt)
         return torch.from_numpy(y), torch.from_numpy(last)
 
@@ -345,16 +356,14 @@ class _CpuScan(torch.autograd.Function):
     def backward(ctx, dy, dlast):
         from vmddpm.ops import scan_cpu
 
-        threads = _match_numba_threads()
         u_, dt_, A_, bt, ct, ckpt = ctx.arrays
         dy_ = np.zeros_like(u_) if dy is None else dy.detach().contiguous().numpy()
         if dlast is None:
             dlast_ = np.zeros((u_.shape[0], u_.shape[1], A_.shape[1]), dtype=u_.dtype)
         else:
             dlast_ = dlast.detach().contiguous().numpy()
-        with deferred():
+        with numba_region():
             du, ddt, da, db, dc = scan_cpu.scan_bwd(u_, dt_, A_, bt, ct, ckpt, dy_, dlast_, CPU_CHUNK)
-        _keep_torch_threads(threads)
         t = torch.from_numpy
         return t(du), t(ddt), t(da).sum(0), t(db).transpose(2, 3), t(dc).transpose(2, 3)
 

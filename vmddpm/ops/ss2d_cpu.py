@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vmddpm.ops.csm_cpu import numba_region, numpy_view, scan_backward, scan_forward
+from vmddpm.ops.csm_cpu import numpy_view, scan_backward, scan_forward
+from vmddpm.ops.selective_scan import numba_region
 from vmddpm.ops.ss2d_layout import PARTS, SS2DLayout, row_major_strides
 
 
